@@ -1,0 +1,33 @@
+"""Shared test set-up: one thread per process (the suite shares 2 cores), tiny zoo models."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name: str):
+    """(model, ModelInputs) of a tiny zoo model, built once per test session."""
+    from asyncdiff_partition import zoo
+
+    model = zoo.build_model(name)
+    return model, zoo.example_inputs(model, batch=2)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_captured(name: str):
+    """A tiny zoo model captured once per test session."""
+    from asyncdiff_partition.capture import capture_model
+
+    model, inputs = tiny(name)
+    return capture_model(model, inputs.args, inputs.kwargs, latent=inputs.latent)
+
+
+@pytest.fixture(scope="session")
+def unet_captured():
+    return tiny_captured("tiny-unet2d-condition")
