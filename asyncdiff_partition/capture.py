@@ -96,6 +96,10 @@ class CapturedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.graph_module(*self.flatten(*args, **kwargs))
 
+    def call_eager(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Run the original model (not the graph) on flat inputs: the eager baseline."""
+        return _call_model(self._signature_model, tensors, self._treespec, self._constants)
+
     # The model whose forward signature binds the arguments; set by capture_model.
     _signature_model: Any = None
 
@@ -149,7 +153,7 @@ def capture_model(
         for name, (_, path, t) in zip(names, tensors)
     ]
     example = [t for _, _, t in tensors]
-    wrapper = _FlatCall(model, names, treespec, constants, len(leaves_with_paths))
+    wrapper = _FlatCall(model, names, treespec, constants)
 
     attempts: list[tuple[str, str]] = []
     for method in methods:
@@ -174,10 +178,10 @@ def capture_model(
 class _FlatCall(torch.nn.Module):
     """``forward(t0, t1, ...)`` → rebuild the model call from flat tensors → noise prediction."""
 
-    def __init__(self, model, names, treespec, constants, n_leaves):
+    def __init__(self, model, names, treespec, constants):
         super().__init__()
         setattr(self, _WRAPPED, model)
-        self._treespec, self._constants, self._n_leaves = treespec, constants, n_leaves
+        self._treespec, self._constants = treespec, constants
         # fx names placeholders after the forward's parameters: give it the inputs' names.
         params = ", ".join(names)
         namespace: dict[str, Any] = {}
@@ -186,12 +190,15 @@ class _FlatCall(torch.nn.Module):
         self.__class__ = type("FlatCall", (_FlatCall,), {"forward": namespace["forward"]})
 
     def _call(self, tensors: list[Any]) -> Any:
-        it = iter(tensors)
-        leaves = [self._constants[i] if i in self._constants else next(it) for i in range(self._n_leaves)]
-        arguments = pytree.tree_unflatten(leaves, self._treespec)
-        model = getattr(self, _WRAPPED)
-        call_args, call_kwargs = _split_bound(model, arguments)
-        return _noise_prediction(model(*call_args, **call_kwargs))
+        return _call_model(getattr(self, _WRAPPED), tensors, self._treespec, self._constants)
+
+
+def _call_model(model: torch.nn.Module, tensors: Sequence[Any], treespec: Any, constants: dict[int, Any]) -> Any:
+    """Flat tensors + the captured constants → the model's own call → noise prediction."""
+    it = iter(tensors)
+    leaves = [constants[i] if i in constants else next(it) for i in range(len(constants) + len(tensors))]
+    call_args, call_kwargs = _split_bound(model, pytree.tree_unflatten(leaves, treespec))
+    return _noise_prediction(model(*call_args, **call_kwargs))
 
 
 def _noise_prediction(out: Any) -> Any:
@@ -241,6 +248,7 @@ def _unwrap(gm: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphM
         if node.op in ("call_module", "get_attr"):
             original = str(node.target)
             node.target = original.removeprefix(prefix)
+            node._rename(node.name.removeprefix(_WRAPPED + "_"))
             try:
                 attrs[node.target] = _get_attr(model, node.target)
             except AttributeError:
@@ -281,11 +289,7 @@ def _verify(gm, model, example, specs, treespec, constants, seed) -> None:
         for t in example
     ]
     for inputs, label in ((example, "example inputs"), (fresh, "fresh random inputs")):
-        n_leaves = len(constants) + len(inputs)
-        it = iter(inputs)
-        leaves = [constants[i] if i in constants else next(it) for i in range(n_leaves)]
-        call_args, call_kwargs = _split_bound(model, pytree.tree_unflatten(leaves, treespec))
-        expected = _noise_prediction(model(*call_args, **call_kwargs))
+        expected = _call_model(model, inputs, treespec, constants)
         actual = gm(*inputs)
         try:
             torch.testing.assert_close(actual, expected)

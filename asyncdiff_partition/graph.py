@@ -236,7 +236,7 @@ class OpGraph:
             raise GraphError(f"boundaries must rise strictly from 0 to {len(self.order)}; got {b}")
 
     def cheapest_cuts(self, count: int = 5, *, margin: float = 0.1) -> list[Crossing]:
-        """Boundaries with the fewest stale bytes, away from the ends of the order.
+        """Boundaries with the fewest stale bytes, away from the ends of the order, one per module.
 
         ``margin`` drops boundaries in the first and last fraction of the op nodes, where a cut
         would leave a segment with almost nothing to do.
@@ -248,7 +248,16 @@ class OpGraph:
         hi = ops[int((1 - margin) * (len(ops) - 1))]
         table = self.cut_table()
         candidates = sorted(range(lo, max(lo, hi) + 1), key=lambda b: (table.stale_bytes[b], b))
-        return [self.crossing(b) for b in candidates[:count]]
+        chosen: list[int] = []
+        seen_modules: set[str] = set()
+        for b in candidates:  # one cut per module: neighbours inside a module are near-duplicates
+            module = self.nx.nodes[self.order[b - 1]]["module"]
+            if module not in seen_modules:
+                seen_modules.add(module)
+                chosen.append(b)
+                if len(chosen) == count:
+                    break
+        return [self.crossing(b) for b in chosen]
 
     def modules(self) -> dict[str, int]:
         """Parameter bytes per top-level-and-one module path (e.g. ``down_blocks.1``)."""

@@ -31,3 +31,11 @@ def tiny_captured(name: str):
 @pytest.fixture(scope="session")
 def unet_captured():
     return tiny_captured("tiny-unet2d-condition")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_profile(name: str = "tiny-unet2d-condition"):
+    """A real (quick) profile of a tiny zoo model, made once per test session."""
+    from asyncdiff_partition.profile import profile_model
+
+    return profile_model(tiny_captured(name), model_name=name, warmup=1, repeats=2)

@@ -1,0 +1,114 @@
+"""Partition benchmark: our balanced plans vs AsyncDiff's hand split on the SD 2.1 UNet.
+
+For N = 2, 3, 4 every segment of both plans is split out of the captured model and run alone
+(same process, same thread count, one after the other in the same run); the table shows the
+measured balance (max/mean segment latency), the bytes that move per step, and predicted vs
+measured segment latency. Then the solver's time against graph size.
+
+    python benchmarks/partition/run.py --profile profiles/sd21-unet.cpu-1t.json --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from asyncdiff_partition.api import capture_spec, compare_asyncdiff
+from asyncdiff_partition.partition import PartitionProblem, balance_segments
+from asyncdiff_partition.plan import Plan, make_plan
+from asyncdiff_partition.profile import Profile, time_segments
+from asyncdiff_partition.summary import format_bytes
+
+
+def broadcast_bytes(plan: Plan) -> int:
+    """AsyncDiff-style traffic: every value a segment hands on goes to all N - 1 other ranks."""
+    produced: dict[str, int] = {}
+    for segment in plan.segments:
+        for r in segment.receives:
+            produced[r["value"]] = r["bytes"]
+    return sum(produced.values()) * (plan.n_devices - 1)
+
+
+def point_to_point_bytes(plan: Plan) -> int:
+    """Ours: each stale value goes once to each segment that reads it."""
+    return sum(segment.bytes_in for segment in plan.segments)
+
+
+def measure(captured, plan: Plan, repeats: int) -> dict:
+    measured = time_segments(captured, plan.boundaries, warmup=1, repeats=repeats)
+    predicted = [s.compute_ms for s in plan.segments]
+    errors = [abs(m - p) / m for m, p in zip(measured, predicted)]
+    return {
+        "measured": measured,
+        "predicted": predicted,
+        "balance": max(measured) / statistics.mean(measured),
+        "max_error": max(errors),
+        "p2p": point_to_point_bytes(plan),
+        "broadcast": broadcast_bytes(plan),
+    }
+
+
+def solver_times(sizes: list[int], segments: list[int]) -> list[tuple[int, int, float]]:
+    """Solve random UNet-like graphs: a chain with long skips and a fresh embedding chain."""
+    rows = []
+    for n in sizes:
+        rng = random.Random(n)
+        n_fresh = max(2, n // 100)
+        fresh = [i < n_fresh for i in range(n)]
+        preds = [[i - 1] if 0 < i < n_fresh else [] for i in range(n_fresh)]
+        for i in range(n_fresh, n):
+            p = [i - 1] if i > n_fresh else []
+            if rng.random() < 0.05 and i - n_fresh > 10:
+                p.append(rng.randrange(n_fresh, i - 1))  # skip connection
+            if rng.random() < 0.02:
+                p.append(rng.randrange(0, n_fresh))  # reads the time embedding
+            preds.append(sorted(set(p)))
+        costs = [rng.expovariate(1.0) for _ in range(n)]
+        stale = [rng.randrange(1, 1 << 20) for _ in range(n + 1)]
+        problem = PartitionProblem(costs=costs, fresh=fresh, preds=preds, stale_bytes=stale)
+        for k in segments:
+            begin = time.perf_counter()
+            balance_segments(problem, k, bandwidth=1e6)
+            rows.append((n, k, time.perf_counter() - begin))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="profiles/sd21-unet.cpu-1t.json")
+    parser.add_argument("--devices", default="2,3,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    profile = Profile.load(args.profile)
+    latent = next(i for i in profile.inputs if i["latent"])
+    _, captured = capture_spec(profile.model, batch=latent["shape"][0], sample_size=latent["shape"][-1])
+    print(f"# {profile.model}, latent {latent['shape']}, {args.threads} thread(s), {profile.device_name}, "
+          f"repeats {args.repeats}; profile eager {profile.eager_ms['median']:.0f} ms, "
+          f"sum of node medians {profile.node_ms_sum:.0f} ms", flush=True)
+
+    print("\n| N | plan | measured segment ms | max/mean | predicted ms | max error | "
+          "bytes/step (ours, point-to-point) | bytes/step (AsyncDiff-style broadcast) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in (int(x) for x in args.devices.split(",")):
+        for label, plan in (("ours", make_plan(profile, n)), ("AsyncDiff hand split", compare_asyncdiff(profile, n))):
+            r = measure(captured, plan, args.repeats)
+            print(f"| {n} | {label} | {' / '.join(f'{m:.0f}' for m in r['measured'])} | {r['balance']:.3f} | "
+                  f"{' / '.join(f'{p:.0f}' for p in r['predicted'])} | {100 * r['max_error']:.1f}% | "
+                  f"{format_bytes(r['p2p'])} | {format_bytes(r['broadcast'])} |", flush=True)
+
+    print("\n| nodes | N | solver s |")
+    print("|---|---|---|")
+    for n, k, seconds in solver_times([1_000, 5_000, 10_000, 20_000], [2, 4, 8]):
+        print(f"| {n:,} | {k} | {seconds:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

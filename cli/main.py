@@ -1,0 +1,193 @@
+"""The ``asyncdiff-partition`` command: a thin click layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+# Errors a user can cause and fix; each becomes one line on stderr and exit status 1.
+# Anything else is a bug and keeps its traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user mistakes into one clear line and a non-zero exit (``--debug`` keeps tracebacks)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except _USER_ERRORS as error:
+            if click.get_current_context().obj.get("debug"):
+                raise
+            message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process (default: torch's choice).")
+@click.option("--debug", is_flag=True, envvar="ASYNCDIFF_DEBUG", help="Show tracebacks for errors.")
+@click.version_option(package_name="asyncdiff-partition")
+@click.pass_context
+def main(ctx: click.Context, threads: int | None, debug: bool) -> None:
+    """Split a diffusion model's denoiser into latency-balanced segments and run them
+    asynchronously on several devices (AsyncDiff, for any model).
+
+    Stages: capture -> graph -> profile -> partition -> plan -> split -> run.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+model_option = click.option(
+    "--model", "model_spec", default=None, metavar="NAME|DIR",
+    help="Zoo name (see `models`) or a local diffusers model/pipeline directory. "
+    "Default: the bundled default model.",
+)
+batch_option = click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True,
+                            help="Batch size (2 = one classifier-free-guidance pair).")
+size_option = click.option("--size", type=click.IntRange(min=1), default=None,
+                           help="Latent height/width (default: the model's sample_size).")
+
+
+@main.command()
+def models() -> None:
+    """List the built-in model zoo."""
+    from asyncdiff_partition import zoo
+
+    for name in zoo.list_models():
+        tag = "tiny (tests, demo)" if name in zoo.TINY_MODELS else "full size (benchmarks)"
+        default = "  [default]" if name == zoo.DEFAULT_MODEL else ""
+        click.echo(f"{name:<24} {tag}{default}")
+
+
+@main.command()
+@model_option
+@batch_option
+@size_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool) -> None:
+    """Capture a model and summarise its op graph: nodes, parameters, fresh nodes, cut points."""
+    from asyncdiff_partition.api import inspect_model
+    from asyncdiff_partition.summary import format_summary
+
+    summary = inspect_model(model_spec, batch=batch, sample_size=size)
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
+
+
+@main.command()
+@model_option
+@batch_option
+@size_option
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--threads", "profile_threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads while profiling (on CPU one thread stands for one device).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed runs; each node's cost is their median.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Profile file to write (default: MODEL.DEVICE-Nt.profile.json).")
+@user_errors
+def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, out_path) -> None:
+    """Measure the cost of every node of a model on a device and save a profile file."""
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    from asyncdiff_partition.api import profile_spec
+    from asyncdiff_partition.summary import format_bytes
+
+    torch.set_num_threads(profile_threads)
+    command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
+    result = profile_spec(model_spec, batch=batch, sample_size=size, device=device, warmup=warmup,
+                          repeats=repeats, progress=True, command=command)
+    name = Path(result.model).name or "model"
+    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t.profile.json")
+    result.save(out)
+    click.echo(
+        f"{result.model}: {len(result.costs)} nodes on {result.device_name} ({result.threads} thread(s)); "
+        f"eager {result.eager_ms['median']:.1f} ms, sum of node medians {result.node_ms_sum:.1f} ms "
+        f"({100 * result.accuracy:.1f}% of eager); activations peak {format_bytes(result.peak_memory['activation_bytes'])}"
+    )
+    click.echo(f"wrote {out}")
+
+
+def _float_list(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
+
+
+@main.command()
+@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
+              help="Profile file from `asyncdiff-partition profile`.")
+@click.option("--devices", "n_devices", required=True, type=click.IntRange(min=1), help="N, the number of segments.")
+@click.option("--stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="2 = stride denoising (one extra rank).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Warm-up steps W.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps T.")
+@click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Link bandwidth in GB/s (default: transfers are free).")
+@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Fixed cost per transfer.")
+@click.option("--speeds", default=None, help="Per-device speed factors, e.g. 1,1,0.5.")
+@click.option("--boundaries", default=None,
+              help="Hand split: module paths where segments 2..N start, e.g. up_blocks.1.attentions.2")
+@click.option("--compare", type=click.Choice(["asyncdiff"]), default=None,
+              help="Also show AsyncDiff's hand split of the SD 2.1 UNet at the same N.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
+@user_errors
+def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
+         out_path) -> None:
+    """Partition a profiled model into N latency-balanced segments and save the plan."""
+    from asyncdiff_partition.api import compare_asyncdiff
+    from asyncdiff_partition.plan import format_plan, make_plan
+    from asyncdiff_partition.profile import Profile
+
+    loaded = Profile.load(profile_path)
+    options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
+                   bandwidth_gbps=bandwidth, link_latency_ms=latency_ms)
+    hand = [b for b in boundaries.split(",") if b.strip()] if boundaries else None
+    result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
+    result.save(out_path)
+    click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)"))
+    if compare:
+        click.echo("")
+        click.echo(format_plan(compare_asyncdiff(loaded, n_devices, **options),
+                               title=f"AsyncDiff's hand split at N={n_devices}"))
+    click.echo(f"wrote {out_path}")
+
+
+@main.command()
+@user_errors
+def demo() -> None:
+    """The main job on the default model: capture -> op graph -> summary."""
+    from asyncdiff_partition import zoo
+    from asyncdiff_partition.api import inspect_model
+    from asyncdiff_partition.summary import format_summary
+
+    click.echo(f"asyncdiff-partition demo on {zoo.DEFAULT_MODEL} (random weights, CPU)\n")
+    click.echo(format_summary(inspect_model(zoo.DEFAULT_MODEL)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,170 @@
+"""CLI: click's runner for behaviour and error paths, one real console-script subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from asyncdiff_partition import zoo
+from asyncdiff_partition.cli.main import main
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, ["--threads", "1", *args])
+
+    return invoke
+
+
+def test_help_lists_the_commands(run):
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("inspect", "demo", "models"):
+        assert command in result.output
+
+
+def test_models_lists_the_zoo(run):
+    result = run("models")
+    assert result.exit_code == 0
+    assert all(name in result.output for name in zoo.list_models())
+
+
+def test_inspect_json_describes_the_model(run):
+    result = run("inspect", "--model", "tiny-dit", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["model_class"] == "DiTTransformer2DModel"
+    assert summary["capture_method"] == "export"
+    assert summary["inputs"][0]["latent"] and summary["inputs"][0]["name"] == "hidden_states"
+    assert summary["fresh_ops"] > 0 and summary["op_nodes"] > summary["fresh_ops"]
+    assert len(summary["cheapest_cuts"]) == 5
+    assert all(c["stale_bytes"] > 0 for c in summary["cheapest_cuts"])
+    modules = [c["after"].split(" ")[0] for c in summary["cheapest_cuts"]]
+    assert len(set(modules)) == len(modules)
+
+
+def test_inspect_a_local_pipeline_directory(run, tmp_path):
+    model = zoo.build_model("tiny-unet2d")
+    model.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    result = run("inspect", "--model", str(tmp_path / "pipe"))
+    assert result.exit_code == 0, result.output
+    assert "UNet2DModel" in result.output and "<- latent" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "--model", "sd99-unet"], "unknown model 'sd99-unet'"),
+        (["inspect", "--model", "./no/such/dir"], "does not exist"),
+        (["inspect", "--model", "tiny-unet2d-condition", "--size", "10"], "must be a multiple of 8"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_non_zero(run, args, message):
+    result = run(*args)
+    assert result.exit_code == 1
+    assert message in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+
+
+def test_bad_option_value_is_a_usage_error(run):
+    result = run("inspect", "--batch", "0")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_console_script_runs_as_a_real_process(tmp_path):
+    script = shutil.which("asyncdiff-partition", path=os.path.dirname(sys.executable))
+    assert script, "console script not installed next to the interpreter"
+    ok = subprocess.run([script, "--threads", "1", "inspect", "--model", "tiny-sd3", "--json"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["model_class"] == "SD3Transformer2DModel"
+    bad = subprocess.run([script, "inspect", "--model", "nope"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith("error: unknown model") and "Traceback" not in bad.stderr
+
+
+def test_profile_command_writes_a_loadable_profile(run, tmp_path):
+    from asyncdiff_partition.profile import Profile
+
+    out = tmp_path / "dit.json"
+    result = run("profile", "--model", "tiny-dit", "--repeats", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and "% of eager" in result.output
+    profile = Profile.load(out)
+    assert profile.model == "tiny-dit" and profile.threads == 1
+    assert profile.command.startswith("asyncdiff-partition")
+
+
+@pytest.fixture
+def profile_file(tmp_path):
+    from conftest import tiny_profile
+
+    return str(tiny_profile().save(tmp_path / "unet.profile.json"))
+
+
+def test_plan_command_prints_the_table_and_compares_with_asyncdiff(run, profile_file, tmp_path):
+    from asyncdiff_partition.plan import Plan
+
+    out = tmp_path / "plan.json"
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--compare", "asyncdiff",
+                 "--bandwidth", "10", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "balanced plan for 2 device(s)" in result.output
+    assert "AsyncDiff's hand split at N=2" in result.output
+    assert result.output.count("predicted ms") == 2
+    plan = Plan.load(out)
+    assert plan.n_devices == 2 and plan.bandwidth_gbps == 10 and plan.profile["path"] == profile_file
+
+
+def test_plan_command_takes_hand_boundaries_and_speeds(run, profile_file, tmp_path):
+    from asyncdiff_partition.plan import Plan
+
+    out = tmp_path / "hand.json"
+    result = run("plan", "--profile", profile_file, "--devices", "3", "--boundaries", "mid_block,up_blocks.3",
+                 "--speeds", "1,1,0.5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(out)
+    assert plan.method == "manual" and plan.speeds == [1.0, 1.0, 0.5]
+    assert plan.segments[1].first_module.startswith("mid_block")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--devices", "100000"], "segments"),
+        (["--devices", "2", "--boundaries", "up_blocks.9"], "no node of module 'up_blocks.9'"),
+        (["--devices", "5", "--compare", "asyncdiff"], "N = 2, 3, 4"),
+    ],
+)
+def test_plan_mistakes_are_one_line(run, profile_file, tmp_path, extra, message):
+    result = run("plan", "--profile", profile_file, "--out", str(tmp_path / "p.json"), *extra)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len([l for l in result.output.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_plan_with_a_missing_or_corrupt_profile(run, tmp_path):
+    result = run("plan", "--profile", str(tmp_path / "nope.json"), "--devices", "2")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = run("plan", "--profile", str(bad), "--devices", "2", "--out", str(tmp_path / "plan.json"))
+    assert result.exit_code == 1 and "corrupt or truncated" in result.output
+    assert not (tmp_path / "plan.json").exists()  # nothing half-written
+
+
+def test_plan_rejects_non_numeric_speeds(run, profile_file):
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--speeds", "fast,slow")
+    assert result.exit_code == 2 and "comma-separated numbers" in result.output
