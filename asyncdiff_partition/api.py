@@ -16,15 +16,17 @@ from . import zoo
 from .capture import CapturedModel, capture_model
 from .fx_adapter import build_op_graph
 from .plan import ASYNCDIFF_SD21_BOUNDARIES, Plan, PlanError, make_plan
-from .profile import Profile, profile_model
+from .profile import Profile, fingerprint, profile_model, time_segments
 from .summary import ModelSummary, summarize
 
 __all__ = [
+    "capture_profiled",
     "capture_spec",
     "check_sample_size",
     "compare_asyncdiff",
     "inspect_model",
     "load_denoiser",
+    "measure_plan",
     "profile_spec",
 ]
 
@@ -105,3 +107,25 @@ def compare_asyncdiff(profile: Profile, n_devices: int, **plan_options: Any) -> 
     if n_devices not in ASYNCDIFF_SD21_BOUNDARIES:
         raise PlanError(f"AsyncDiff's published SD 2.1 splits are for N = 2, 3, 4, not {n_devices}")
     return make_plan(profile, n_devices, boundaries=ASYNCDIFF_SD21_BOUNDARIES[n_devices], **plan_options)
+
+
+def capture_profiled(profile: Profile, *, model_spec: str | None = None) -> CapturedModel:
+    """Capture the model a profile was made of, at the profiled shapes, and check it is the same.
+
+    Raises:
+        PlanError: the model captured now has another fingerprint than the profiled one.
+    """
+    latent = next(spec for spec in profile.inputs if spec["latent"])
+    _, captured = capture_spec(model_spec or profile.model, batch=latent["shape"][0],
+                               sample_size=latent["shape"][-1])
+    specs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "latent": s.is_latent} for s in captured.inputs]
+    found = fingerprint(build_op_graph(captured), specs)
+    if found != profile.fingerprint:
+        raise PlanError(f"the profile was made for model fingerprint {profile.fingerprint} but "
+                        f"{model_spec or profile.model} is {found}; profile this model again")
+    return captured
+
+
+def measure_plan(profile: Profile, plan: Plan, *, repeats: int = 3, model_spec: str | None = None) -> list[float]:
+    """Median ms of each of the plan's segments run alone (to set against the predictions)."""
+    return time_segments(capture_profiled(profile, model_spec=model_spec), plan.boundaries, repeats=repeats)

@@ -1,6 +1,6 @@
 """Exact min-max partition of a topological order into contiguous segments."""
 
-# AsyncDiff (Chen et al., 2024, arXiv 2406.06911, Sec. 3.2) cuts the denoiser into N
+# AsyncDiff (Chen et al., 2024, arXiv 2406.06911) cuts the denoiser into N
 # consecutive components that run at the same time, so a step costs as much as the slowest
 # component. The paper splits by hand; this module chooses the cuts from measured costs. The
 # search below is this project's own; it is exact under the cost model of Note [cost model].
@@ -38,7 +38,8 @@
 # all). Moving a boundary within the run of fresh nodes at a cut changes only the stale
 # bytes of the segment starting there, so every cut uses its cheapest position (above) and
 # T(e) is that segment's transfer; segment k on non-fresh positions [a, e) costs
-# C(a, e) / s_k + T(a) (T = 0 for k = 0).
+# C(a, e) / s_k + T(a) (T = 0 for k = 0). P[e] is the cost of the first e non-fresh nodes,
+# with the fresh nodes that have a single user folded into that user (step 2).
 #
 # 1. Costs are >= 0 and a longer run can only need more fresh nodes, so C(a, e) and the
 #    bytes M(a, e) grow with e. Under a bound L, the ends allowed after start a form an
@@ -53,12 +54,14 @@
 #    set; group g is charged to [a, e) iff its first user at or after a, nu_g(a), is < e.
 #    Sorting nu_g(a) over g (once, independent of L) makes C(a, .) a staircase with G + 1
 #    steps; R_k(a) is found with one numpy searchsorted per step for all a at once.
-# 3. Feasibility is monotone in L: bisection. The lower bound is total compute over total
-#    speed; every feasible probe lowers hi to the bottleneck its partition actually has;
-#    stop when hi - lo <= _REL_GAP * hi, then take the smallest cuts feasible at hi.
-#    Starts a that cannot be reached within L (P[a] > L * sum of the speeds before k), or
-#    cannot finish (P[m] - P[a] > L * sum of the speeds from k), are never probed, so a
-#    probe near the optimum touches only a few positions per segment.
+# 3. Feasibility is monotone in L: bisection. lo starts at a lower bound (total compute
+#    over total speed, and others); hi at the first feasible lo * (1 + 2^-7 * 2^i). Every
+#    feasible probe lowers hi to the bottleneck its partition actually has; stop when
+#    hi - lo <= _REL_GAP * hi (at most ~30 steps), then take the smallest cuts feasible at
+#    hi. Since costs and transfers are >= 0, starts a that cannot be reached within L
+#    (P[a] > L * sum of the speeds before k) or cannot finish (P[m] - P[a] > L * sum of the
+#    speeds from k) are skipped, so a probe near the optimum only looks at a window of
+#    starts per segment: O(N (G + 1) w log m) for w starts, after O(n + G m log G) set-up.
 # A probe accepts a segment when its time is <= L * (1 + _PROBE_SLACK) plus a few ulps of
 # the total cost, so that the bound an evaluated partition reports is always found again.
 
@@ -197,7 +200,7 @@ class Partition:
 
     @property
     def imbalance(self) -> float:
-        """max / mean of the segment times (1.0 is perfect balance, and all-zero times)."""
+        """max / mean of the segment times: 1.0 for perfect balance (and for all-zero times)."""
         mean = math.fsum(self.times) / len(self.times)
         return 1.0 if mean == 0.0 else max(self.times) / mean
 
@@ -248,8 +251,8 @@ def balance_segments(
             f"memory caps cannot be met: no split of the {st.m} non-fresh nodes into {n_seg} "
             f"segments keeps every segment's parameter bytes within memory_caps={list(caps)} "
             f"(parameter bytes: {st.byte_total} in all with fresh nodes counted once, "
-            f"{int(st.folded_bytes.max(initial=0))} for the largest node); raise the caps, "
-            f"use more segments, or set a cap to None"
+            f"{int(st.folded_bytes.max(initial=0))} for the largest node with its own fresh "
+            f"inputs); raise the caps, use more segments, or set a cap to None"
         )
     cuts = search.solve()
     return _evaluate(problem, st, st.boundaries_of(cuts), spd, bandwidth, link_latency_ms)
@@ -397,15 +400,21 @@ class _Structure:
         """Largest e in [a, m] with e == a or C(a, e) <= budget (M(a, e) if ``bytes_``)."""
         prefix = self.byte_prefix if bytes_ else self.cost_prefix
         steps = self.byte_steps if bytes_ else self.cost_steps
-        limit = prefix[a] + budget
         best = a.copy()
-        lower = a
+        alive = np.arange(len(a))  # indices into a that may still grow
+        limit, lower = prefix[a] + budget, a
         for j in range(len(steps) + 1):
-            upper = self.nu_sorted[j, a] if j < len(steps) else np.full_like(a, self.m)
-            room = limit if j == 0 else limit - steps[j - 1, a]
+            at = a[alive]
+            upper = self.nu_sorted[j, at] if j < len(steps) else np.full_like(at, self.m)
+            room = limit if j == 0 else limit - steps[j - 1, at]
             end = np.minimum(np.searchsorted(prefix, room, "right") - 1, upper)
-            best = np.where(end > lower, np.maximum(best, end), best)
-            lower = upper
+            best[alive[end > lower]] = end[end > lower]  # later steps only reach further
+            # A start whose limit falls inside this step can go no further: the steps only
+            # climb. Those that reached the step's top (and a real group) carry on.
+            more = (end == upper) & (upper < self.m)
+            alive, limit, lower = alive[more], limit[more], upper[more]
+            if len(alive) == 0:
+                break
         return best
 
     def segment_cost(self, a: int, e: int) -> float:
@@ -424,12 +433,11 @@ class _Search:
         self.after = [math.fsum(speeds[k:]) for k in range(n_seg)]
         self.tol = 16 * np.finfo(np.float64).eps * st.cost_total
         everywhere = np.arange(m + 1)
-        self.mem_end: list[IntArray | None] = []
+        by_cap: dict[int, IntArray] = {}
         for cap in caps:
-            if cap is None or cap >= st.byte_total:
-                self.mem_end.append(None)
-            else:
-                self.mem_end.append(st.max_end(everywhere, np.full(m + 1, cap), bytes_=True))
+            if cap is not None and cap < st.byte_total and cap not in by_cap:
+                by_cap[cap] = st.max_end(everywhere, np.full(m + 1, cap), bytes_=True)
+        self.mem_end = [None if c is None else by_cap.get(c) for c in caps]
 
     def starts(self, k: int, bound: float) -> IntArray:
         """Starts of segment k worth probing under ``bound`` (a superset of the useful ones)."""
@@ -455,9 +463,11 @@ class _Search:
             a = self.starts(k, bound)
             if len(a) == 0:
                 return None
-            pay = self.transfer[a] if k > 0 else 0.0
-            budget = self.speeds[k] * (relaxed - pay) + self.tol
-            end = st.max_end(a, budget)
+            if math.isinf(bound):
+                end = np.full_like(a, st.m)
+            else:
+                pay = self.transfer[a] if k > 0 else np.zeros(len(a))
+                end = st.max_end(a, self.speeds[k] * (relaxed - pay) + self.tol)
             mem = self.mem_end[k]
             if mem is not None:
                 end = np.minimum(end, mem[a])
@@ -496,7 +506,9 @@ class _Search:
                     raise AssertionError("no split at an infinite bound: a partition.py bug")
                 lo, step = bound, step * 2
         hi = self.bottleneck(best)
-        while hi - lo > _REL_GAP * hi:
+        for _ in range(200):  # ~30 steps suffice; the cap only stops a bug from hanging
+            if hi - lo <= _REL_GAP * hi:
+                break
             mid = lo + (hi - lo) / 2
             cuts = self.probe(mid)
             if cuts is None:
@@ -591,7 +603,7 @@ def _flag(i: int, value: object) -> bool:
 def _index(i: int, p: object) -> int:
     if type(p) is int and 0 <= p < i:
         return p
-    if not isinstance(p, Integral) or isinstance(p, bool) or not 0 <= p < i:
+    if not isinstance(p, Integral) or isinstance(p, bool) or not 0 <= int(p) < i:
         raise PartitionError(
             f"preds[{i}] contains {p!r}, but predecessors must be node indices in 0..{i - 1}: "
             f"nodes must be listed in topological order"
@@ -606,10 +618,10 @@ def _boundary(i: int, x: object) -> int:
 
 
 def _n_segments(problem: PartitionProblem, n_segments: object) -> int:
-    if not isinstance(n_segments, Integral) or isinstance(n_segments, bool) or n_segments < 1:
+    if not isinstance(n_segments, Integral) or isinstance(n_segments, bool) or int(n_segments) < 1:
         raise PartitionError(f"n_segments must be an int >= 1, got {n_segments!r}")
     m = problem.n_nonfresh
-    if n_segments > m:
+    if int(n_segments) > m:
         raise PartitionError(
             f"n_segments={n_segments} but the problem has only {m} non-fresh nodes; each "
             f"segment needs at least one (fresh nodes are replicated, not placed): use "

@@ -299,15 +299,24 @@ def _module_summary(modules: Sequence[str]) -> list[str]:
     return units
 
 
-def format_plan(plan: Plan, title: str | None = None) -> str:
-    """The plan as a table: segment | modules | predicted ms | share | params | bytes in."""
+def format_plan(plan: Plan, title: str | None = None, measured: Sequence[float] | None = None) -> str:
+    """The plan as a table: segment | modules | predicted ms | share | params | bytes in.
+
+    With ``measured`` (ms of each segment run alone), two more columns set them beside the
+    predicted compute time.
+    """
     from .summary import format_bytes
 
     total = sum(s.time_ms for s in plan.segments) or 1.0
-    rows = [("segment", "modules", "predicted ms", "share", "params", "bytes in")]
+    header = ("segment", "modules", "predicted ms", "share", "params", "bytes in")
+    rows = [header + (("measured ms", "error") if measured else ())]
     for s in plan.segments:
-        rows.append((str(s.index), _compress(s.modules), f"{s.time_ms:.1f}", f"{100 * s.time_ms / total:.1f}%",
-                     format_bytes(s.param_bytes), format_bytes(s.bytes_in)))
+        row: tuple[str, ...] = (str(s.index), _compress(s.modules), f"{s.time_ms:.1f}",
+                                f"{100 * s.time_ms / total:.1f}%", format_bytes(s.param_bytes), format_bytes(s.bytes_in))
+        if measured:
+            m = measured[s.index]
+            row += (f"{m:.1f}", f"{100 * (s.compute_ms - m) / m:+.1f}%")
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title] if title else []
     for j, row in enumerate(rows):

@@ -154,12 +154,16 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
               help="Hand split: module paths where segments 2..N start, e.g. up_blocks.1.attentions.2")
 @click.option("--compare", type=click.Choice(["asyncdiff"]), default=None,
               help="Also show AsyncDiff's hand split of the SD 2.1 UNet at the same N.")
+@click.option("--measure", is_flag=True,
+              help="Also run every segment alone on this machine and show measured vs predicted ms.")
+@click.option("--model", "model_spec", default=None, metavar="NAME|DIR",
+              help="With --measure: where to load the profiled model from (default: the profile's name).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @user_errors
 def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
-         out_path) -> None:
+         measure, model_spec, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
-    from asyncdiff_partition.api import compare_asyncdiff
+    from asyncdiff_partition.api import compare_asyncdiff, measure_plan
     from asyncdiff_partition.plan import format_plan, make_plan
     from asyncdiff_partition.profile import Profile
 
@@ -169,12 +173,59 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
     hand = [b for b in boundaries.split(",") if b.strip()] if boundaries else None
     result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
     result.save(out_path)
-    click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)"))
-    if compare:
+    hand_plan = compare_asyncdiff(loaded, n_devices, **options) if compare else None
+    measured = measure_plan(loaded, result, model_spec=model_spec) if measure else None
+    click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)",
+                           measured=measured))
+    if hand_plan is not None:
         click.echo("")
-        click.echo(format_plan(compare_asyncdiff(loaded, n_devices, **options),
-                               title=f"AsyncDiff's hand split at N={n_devices}"))
+        hand_measured = measure_plan(loaded, hand_plan, model_spec=model_spec) if measure else None
+        click.echo(format_plan(hand_plan, title=f"AsyncDiff's hand split at N={n_devices}", measured=hand_measured))
     click.echo(f"wrote {out_path}")
+
+
+@main.command()
+@click.option("--model", "model_spec", default=None, metavar="NAME|DIR",
+              help="Zoo name or local diffusers model/pipeline directory (default: the plan's model).")
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
+              help="Plan file from `asyncdiff-partition plan`.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps T (default: the plan's).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps W (default: the plan's).")
+@click.option("--stride", type=click.Choice(["1", "2"]), default=None, help="Stride S (default: the plan's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, conditioning and noise.")
+@click.option("--guidance", type=float, default=5.0, show_default=True,
+              help="Classifier-free guidance scale (<= 1: none; conditional models only).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="run", show_default=True,
+              help="Directory for the images and report.json.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a Chrome trace (open in ui.perfetto.dev).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Processes to spawn; must equal the plan's world size (default: that).")
+@click.option("--reference", is_flag=True,
+              help="Run the single-process reference schedule instead of the ranks.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a rank waits for another before giving up.")
+@click.pass_context
+@user_errors
+def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
+        timeout_s) -> None:
+    """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously."""
+    from asyncdiff_partition.pipeline import RunConfig, run_plan
+    from asyncdiff_partition.report import format_run
+
+    config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
+                       stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
+                       trace=trace_path, reference=reference, nproc=nproc, threads=ctx.parent.params.get("threads"),
+                       timeout_s=timeout_s)
+    result = run_plan(config)
+    if result["report"] is None:  # a rank other than 0 of an outside launch
+        return
+    click.echo(format_run(result["summary"], wall_s=result["wall_s"]))
+    for image in result["images"]:
+        click.echo(f"wrote {image}")
+    click.echo(f"wrote {result['report']}")
+    if result["trace"]:
+        click.echo(f"wrote {result['trace']}")
 
 
 @main.command()

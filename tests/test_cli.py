@@ -168,3 +168,17 @@ def test_plan_with_a_missing_or_corrupt_profile(run, tmp_path):
 def test_plan_rejects_non_numeric_speeds(run, profile_file):
     result = run("plan", "--profile", profile_file, "--devices", "2", "--speeds", "fast,slow")
     assert result.exit_code == 2 and "comma-separated numbers" in result.output
+
+
+def test_plan_measure_runs_each_segment_alone(run, profile_file, tmp_path):
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--measure", "--out", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    assert "measured ms" in result.output and "error" in result.output
+    rows = [l for l in result.output.splitlines() if l[:1].isdigit()]
+    assert len(rows) == 2 and all("%" in r.split()[-1] for r in rows)
+
+
+def test_plan_measure_refuses_another_model(run, profile_file, tmp_path):
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--measure", "--model", "tiny-dit",
+                 "--out", str(tmp_path / "p.json"))
+    assert result.exit_code == 1 and "fingerprint" in result.output

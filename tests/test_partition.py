@@ -120,7 +120,7 @@ def problems(draw, max_nodes: int = 9, fresh_p: float = 0.35) -> PartitionProble
             draw(st.lists(st.sampled_from(allowed), max_size=3, unique=True)) if allowed else []
         )
     costs = [draw(st.integers(0, 40)) / 4 for _ in range(n)]
-    stale = [draw(st.integers(0, 64)) for _ in range(n + 1)]
+    stale = [draw(st.integers(0, 12)) for _ in range(n + 1)]  # small: many ties
     params = draw(st.none() | st.lists(st.integers(0, 10), min_size=n, max_size=n))
     return PartitionProblem(costs=costs, fresh=fresh, preds=preds, stale_bytes=stale, param_bytes=params)
 
@@ -254,7 +254,7 @@ def test_greedy_trap_non_monotone_stale_bytes() -> None:
 
 def test_boundary_goes_to_cheapest_position_in_a_fresh_run() -> None:
     # Nodes 1-3 are fresh, between non-fresh nodes 0 and 4: boundary 1..4 gives the same
-    # segments; position 3 has the fewest stale bytes.
+    # segments; position 3 has the fewest stale bytes; on equal bytes the earliest wins.
     p = PartitionProblem(
         costs=[1.0, 0.0, 0.0, 0.0, 1.0],
         fresh=[False, True, True, True, False],
@@ -264,6 +264,10 @@ def test_boundary_goes_to_cheapest_position_in_a_fresh_run() -> None:
     part = balance_segments(p, 2, bandwidth=1.0)
     assert part.boundaries == (0, 3, 5)
     assert part.transfer == (0.0, 3.0)
+    tied = PartitionProblem(
+        costs=p.costs, fresh=p.fresh, preds=p.preds, stale_bytes=[0, 9, 3, 3, 3, 0]
+    )
+    assert balance_segments(tied, 2, bandwidth=1.0).boundaries == (0, 2, 5)  # earliest of 2..4
 
 
 def test_ties_pick_the_smallest_cuts() -> None:
