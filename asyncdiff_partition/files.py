@@ -24,6 +24,9 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file reads like any other
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

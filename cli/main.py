@@ -215,8 +215,8 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 
     config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
                        stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
-                       trace=trace_path, reference=reference, nproc=nproc, threads=ctx.parent.params.get("threads"),
-                       timeout_s=timeout_s)
+                       trace=trace_path, reference=reference, nproc=nproc,
+                       threads=ctx.parent.params.get("threads"), timeout_s=timeout_s)
     result = run_plan(config)
     if result["report"] is None:  # a rank other than 0 of an outside launch
         return
@@ -229,15 +229,35 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 
 
 @main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/demo", show_default=True,
+              help="Folder for the demo's profile and plan files.")
 @user_errors
-def demo() -> None:
-    """The main job on the default model: capture -> op graph -> summary."""
-    from asyncdiff_partition import zoo
-    from asyncdiff_partition.api import inspect_model
-    from asyncdiff_partition.summary import format_summary
+def demo(out_dir: str) -> None:
+    """The main job on the default model: capture -> op graph -> profile -> plan for 2 devices."""
+    from pathlib import Path
 
-    click.echo(f"asyncdiff-partition demo on {zoo.DEFAULT_MODEL} (random weights, CPU)\n")
-    click.echo(format_summary(inspect_model(zoo.DEFAULT_MODEL)))
+    import torch
+
+    from asyncdiff_partition import zoo
+    from asyncdiff_partition.api import capture_spec
+    from asyncdiff_partition.fx_adapter import build_op_graph
+    from asyncdiff_partition.plan import format_plan, make_plan
+    from asyncdiff_partition.profile import profile_model
+    from asyncdiff_partition.summary import format_summary, summarize
+
+    torch.set_num_threads(1)  # on CPU one thread stands for one device
+    out = Path(out_dir)
+    click.echo(f"asyncdiff-partition demo on {zoo.DEFAULT_MODEL} (random weights, CPU, 1 thread)\n")
+    name, captured = capture_spec(zoo.DEFAULT_MODEL)
+    click.echo(format_summary(summarize(captured, build_op_graph(captured), model_name=name)))
+    profiled = profile_model(captured, model_name=name, repeats=3, command="asyncdiff-partition demo")
+    profile_path = profiled.save(out / f"{name}.cpu-1t.profile.json")
+    click.echo(f"\nprofile: {len(profiled.costs)} nodes, eager {profiled.eager_ms['median']:.1f} ms, "
+               f"sum of node medians {profiled.node_ms_sum:.1f} ms\n")
+    planned = make_plan(profiled, 2, profile_path=str(profile_path))
+    plan_path = planned.save(out / "plan-2.json")
+    click.echo(format_plan(planned, title="plan for 2 devices"))
+    click.echo(f"\nwrote {profile_path} and {plan_path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -182,3 +182,15 @@ def test_plan_measure_refuses_another_model(run, profile_file, tmp_path):
     result = run("plan", "--profile", profile_file, "--devices", "2", "--measure", "--model", "tiny-dit",
                  "--out", str(tmp_path / "p.json"))
     assert result.exit_code == 1 and "fingerprint" in result.output
+
+
+def test_demo_writes_a_profile_and_a_plan(run, tmp_path):
+    from asyncdiff_partition.plan import Plan
+    from asyncdiff_partition.profile import Profile
+
+    result = run("demo", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 0, result.output
+    assert "plan for 2 devices" in result.output and "cheapest cut points" in result.output
+    profile = Profile.load(tmp_path / "demo" / f"{zoo.DEFAULT_MODEL}.cpu-1t.profile.json")
+    plan = Plan.load(tmp_path / "demo" / "plan-2.json", fingerprint=profile.fingerprint)
+    assert plan.n_devices == 2 and len(plan.segments) == 2

@@ -5,7 +5,12 @@ For N = 2, 3, 4 every segment of both plans is split out of the captured model a
 measured balance (max/mean segment latency), the bytes that move per step, and predicted vs
 measured segment latency. Then the solver's time against graph size.
 
-    python benchmarks/partition/run.py --profile profiles/sd21-unet.cpu-1t.json --repeats 3
+    python benchmarks/partition/run.py --size 32 --repeats 3        # profile in the same run
+    python benchmarks/partition/run.py --profile profiles/sd21-unet.cpu-1t.json
+
+Predicted and measured figures are only comparable when both were measured under the same
+conditions; by default the script profiles the model itself, in the same run, right before it
+times the segments.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import time
 
 import torch
 
-from asyncdiff_partition.api import capture_spec, compare_asyncdiff
+from asyncdiff_partition.api import capture_profiled, capture_spec, compare_asyncdiff
 from asyncdiff_partition.partition import PartitionProblem, balance_segments
 from asyncdiff_partition.plan import Plan, make_plan
-from asyncdiff_partition.profile import Profile, time_segments
+from asyncdiff_partition.profile import Profile, profile_model, time_segments
 from asyncdiff_partition.summary import format_bytes
 
 
@@ -80,16 +85,22 @@ def solver_times(sizes: list[int], segments: list[int]) -> list[tuple[int, int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="profiles/sd21-unet.cpu-1t.json")
+    parser.add_argument("--profile", default=None, help="use this profile instead of profiling in the run")
+    parser.add_argument("--model", default="sd21-unet")
+    parser.add_argument("--size", type=int, default=64, help="latent height/width when profiling in the run")
     parser.add_argument("--devices", default="2,3,4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    profile = Profile.load(args.profile)
+    if args.profile:
+        profile = Profile.load(args.profile)
+        captured = capture_profiled(profile)
+    else:
+        _, captured = capture_spec(args.model, batch=2, sample_size=args.size)
+        profile = profile_model(captured, model_name=args.model, repeats=args.repeats)
     latent = next(i for i in profile.inputs if i["latent"])
-    _, captured = capture_spec(profile.model, batch=latent["shape"][0], sample_size=latent["shape"][-1])
     print(f"# {profile.model}, latent {latent['shape']}, {args.threads} thread(s), {profile.device_name}, "
           f"repeats {args.repeats}; profile eager {profile.eager_ms['median']:.0f} ms, "
           f"sum of node medians {profile.node_ms_sum:.0f} ms", flush=True)
