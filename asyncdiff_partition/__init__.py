@@ -11,7 +11,9 @@ one module per stage:
     partition  (partition.py)  exact min-max split into N contiguous segments
     plan       (plan.py)       the saved result
     split      (split.py)      one fx.GraphModule per segment
-    run        (runtime.py)    the asynchronous schedule on N ranks
+    schedule   (schedule.py)   the asynchronous schedule, and its single-process reference
+    run        (runtime.py)    the schedule on N ranks (comm.py talks to torch.distributed)
+    pipeline   (pipeline.py)   diffusers pipelines and custom loops driving it
 
 Example::
 
@@ -29,11 +31,33 @@ from .files import FileFormatError
 from .partition import Partition, PartitionError, PartitionProblem, balance_segments, evaluate_boundaries
 from .plan import Plan, PlanError, SegmentPlan, format_plan, ideal_speedup, make_plan
 from .profile import Profile, ProfileError, profile_model
+from .pipeline import ScheduledDenoiser, build_pipeline, denoise, run_plan, unwrap_pipeline, wrap_pipeline
+from .report import summarise, write_report, write_trace
+from .runtime import AsyncDenoiser, LaunchError, check_plan, is_launched_externally, launch
+from .schedule import ReferenceSchedule, ScheduleError, StepDenoiser, make_schedule
 from .split import Segment, SplitError, run_segments, split_graph
 from .summary import ModelSummary, format_summary, summarize
 from .zoo import DEFAULT_MODEL, ModelInputs, UnknownModelError, build_model, example_inputs, list_models, load_model
 
 __all__ = [
+    "AsyncDenoiser",
+    "LaunchError",
+    "ReferenceSchedule",
+    "ScheduleError",
+    "ScheduledDenoiser",
+    "StepDenoiser",
+    "build_pipeline",
+    "check_plan",
+    "denoise",
+    "is_launched_externally",
+    "launch",
+    "make_schedule",
+    "run_plan",
+    "summarise",
+    "unwrap_pipeline",
+    "wrap_pipeline",
+    "write_report",
+    "write_trace",
     "DEFAULT_MODEL",
     "FileFormatError",
     "Partition",

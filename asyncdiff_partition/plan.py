@@ -212,7 +212,7 @@ def make_plan(
         model=profile.model,
         fingerprint=profile.fingerprint,
         profile={"path": profile_path, "device": profile.device, "device_name": profile.device_name,
-                 "threads": profile.threads, "created": profile.created},
+                 "threads": profile.threads, "created": profile.created, "inputs": profile.inputs},
         n_devices=n_devices,
         stride=stride,
         warmup=warmup,
