@@ -230,34 +230,15 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/demo", show_default=True,
-              help="Folder for the demo's profile and plan files.")
+              help="Folder for the demo's profile, plan, images and reports.")
+@click.option("--steps", type=click.IntRange(min=2), default=10, show_default=True, help="Denoising steps.")
 @user_errors
-def demo(out_dir: str) -> None:
-    """The main job on the default model: capture -> op graph -> profile -> plan for 2 devices."""
-    from pathlib import Path
+def demo(out_dir: str, steps: int) -> None:
+    """The main job on the default model: capture, profile, plan for 2 devices, run it async on 2
+    processes beside the sequential model."""
+    from asyncdiff_partition.api import run_demo
 
-    import torch
-
-    from asyncdiff_partition import zoo
-    from asyncdiff_partition.api import capture_spec
-    from asyncdiff_partition.fx_adapter import build_op_graph
-    from asyncdiff_partition.plan import format_plan, make_plan
-    from asyncdiff_partition.profile import profile_model
-    from asyncdiff_partition.summary import format_summary, summarize
-
-    torch.set_num_threads(1)  # on CPU one thread stands for one device
-    out = Path(out_dir)
-    click.echo(f"asyncdiff-partition demo on {zoo.DEFAULT_MODEL} (random weights, CPU, 1 thread)\n")
-    name, captured = capture_spec(zoo.DEFAULT_MODEL)
-    click.echo(format_summary(summarize(captured, build_op_graph(captured), model_name=name)))
-    profiled = profile_model(captured, model_name=name, repeats=3, command="asyncdiff-partition demo")
-    profile_path = profiled.save(out / f"{name}.cpu-1t.profile.json")
-    click.echo(f"\nprofile: {len(profiled.costs)} nodes, eager {profiled.eager_ms['median']:.1f} ms, "
-               f"sum of node medians {profiled.node_ms_sum:.1f} ms\n")
-    planned = make_plan(profiled, 2, profile_path=str(profile_path))
-    plan_path = planned.save(out / "plan-2.json")
-    click.echo(format_plan(planned, title="plan for 2 devices"))
-    click.echo(f"\nwrote {profile_path} and {plan_path}")
+    run_demo(out_dir, steps=steps, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

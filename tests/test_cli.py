@@ -188,9 +188,13 @@ def test_demo_writes_a_profile_and_a_plan(run, tmp_path):
     from asyncdiff_partition.plan import Plan
     from asyncdiff_partition.profile import Profile
 
-    result = run("demo", "--out", str(tmp_path / "demo"))
+    result = run("demo", "--out", str(tmp_path / "demo"), "--steps", "4")
     assert result.exit_code == 0, result.output
     assert "plan for 2 devices" in result.output and "cheapest cut points" in result.output
     profile = Profile.load(tmp_path / "demo" / f"{zoo.DEFAULT_MODEL}.cpu-1t.profile.json")
     plan = Plan.load(tmp_path / "demo" / "plan-2.json", fingerprint=profile.fingerprint)
     assert plan.n_devices == 2 and len(plan.segments) == 2
+    for run_dir in ("sequential", "async"):
+        assert (tmp_path / "demo" / run_dir / "image-0.png").is_file()
+        assert (tmp_path / "demo" / run_dir / "report.json").is_file()
+    assert "speedup of the denoising loop" in result.output and "PSNR" in result.output
