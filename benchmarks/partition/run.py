@@ -58,28 +58,50 @@ def measure(captured, plan: Plan, repeats: int) -> dict:
     }
 
 
-def solver_times(sizes: list[int], segments: list[int]) -> list[tuple[int, int, float]]:
-    """Solve random UNet-like graphs: a chain with long skips and a fresh embedding chain."""
+def random_problem(n: int, kind: str) -> PartitionProblem:
+    """A random graph of n nodes: a chain with 5 % long skips and about 1 % fresh nodes.
+
+    ``unet``: the fresh nodes are a time-embedding chain whose output 2 % of the nodes read,
+    plus one single-user projection per ~100 nodes (what the UNet graphs here look like).
+    ``stress``: every non-fresh node reads a random fresh node with probability 2 %, so the
+    fresh nodes have ~n/100 different sets of users (far more than a real model has).
+    """
+    rng = random.Random(n)
+    n_fresh = max(6, n // 100)
+    fresh = [i < n_fresh for i in range(n)]
+    preds: list[list[int]] = [[i - 1] if 0 < i < 5 else [] for i in range(n_fresh)]
+    for i in range(5, n_fresh):
+        preds[i] = [4]  # projections of the time embedding
+    projections = list(range(5, n_fresh))
+    for i in range(n_fresh, n):
+        p = [i - 1] if i > n_fresh else []
+        if rng.random() < 0.05 and i - n_fresh > 10:
+            p.append(rng.randrange(n_fresh, i - 1))  # skip connection
+        if kind == "stress" and rng.random() < 0.02:
+            p.append(rng.randrange(0, n_fresh))
+        elif kind == "unet":
+            if rng.random() < 0.02:
+                p.append(4)
+            if projections and rng.random() < 0.01:
+                p.append(projections.pop())
+        preds.append(sorted(set(p)))
+    costs = [rng.expovariate(1.0) for _ in range(n)]
+    stale = [rng.randrange(1, 1 << 20) for _ in range(n + 1)]
+    return PartitionProblem(costs=costs, fresh=fresh, preds=preds, stale_bytes=stale)
+
+
+def solver_times(sizes: list[int], segments: list[int], kind: str) -> list[tuple[int, int, float]]:
+    """Median seconds of balance_segments (3 runs) on random graphs of each size."""
     rows = []
     for n in sizes:
-        rng = random.Random(n)
-        n_fresh = max(2, n // 100)
-        fresh = [i < n_fresh for i in range(n)]
-        preds = [[i - 1] if 0 < i < n_fresh else [] for i in range(n_fresh)]
-        for i in range(n_fresh, n):
-            p = [i - 1] if i > n_fresh else []
-            if rng.random() < 0.05 and i - n_fresh > 10:
-                p.append(rng.randrange(n_fresh, i - 1))  # skip connection
-            if rng.random() < 0.02:
-                p.append(rng.randrange(0, n_fresh))  # reads the time embedding
-            preds.append(sorted(set(p)))
-        costs = [rng.expovariate(1.0) for _ in range(n)]
-        stale = [rng.randrange(1, 1 << 20) for _ in range(n + 1)]
-        problem = PartitionProblem(costs=costs, fresh=fresh, preds=preds, stale_bytes=stale)
+        problem = random_problem(n, kind)
         for k in segments:
-            begin = time.perf_counter()
-            balance_segments(problem, k, bandwidth=1e6)
-            rows.append((n, k, time.perf_counter() - begin))
+            samples = []
+            for _ in range(3):
+                begin = time.perf_counter()
+                balance_segments(problem, k, bandwidth=1e6)
+                samples.append(time.perf_counter() - begin)
+            rows.append((n, k, statistics.median(samples)))
     return rows
 
 
@@ -91,7 +113,10 @@ def main() -> None:
     parser.add_argument("--devices", default="2,3,4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--solver-only", action="store_true", help="only the solver timings")
     args = parser.parse_args()
+    if args.solver_only:
+        return print_solver_times()
     torch.set_num_threads(args.threads)
 
     if args.profile:
@@ -115,10 +140,17 @@ def main() -> None:
                   f"{' / '.join(f'{p:.0f}' for p in r['predicted'])} | {100 * r['max_error']:.1f}% | "
                   f"{format_bytes(r['p2p'])} | {format_bytes(r['broadcast'])} |", flush=True)
 
-    print("\n| nodes | N | solver s |")
-    print("|---|---|---|")
-    for n, k, seconds in solver_times([1_000, 5_000, 10_000, 20_000], [2, 4, 8]):
-        print(f"| {n:,} | {k} | {seconds:.3f} |", flush=True)
+    print_solver_times()
+
+
+def print_solver_times() -> None:
+    sizes, segments = [1_000, 5_000, 10_000, 20_000], [2, 4, 8]
+    unet = solver_times(sizes, segments, "unet")
+    stress = solver_times(sizes, segments, "stress")
+    print("\n| nodes | N | solver s, UNet-like fresh nodes | solver s, stress (n/100 fresh user sets) |")
+    print("|---|---|---|---|")
+    for (n, k, a), (_, _, b) in zip(unet, stress):
+        print(f"| {n:,} | {k} | {a:.3f} | {b:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
