@@ -26,7 +26,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-__all__ = ["CaptureError", "CapturedModel", "InputSpec", "capture_model", "METHODS", "MODULE_KEY"]
+__all__ = ["CaptureError", "CapturedModel", "InputSpec", "capture_model", "resolve_attr", "METHODS", "MODULE_KEY"]
 
 METHODS = ("fx", "export")
 MODULE_KEY = "asyncdiff_module"  # node.meta key: dotted path of the module a node came from
@@ -250,14 +250,15 @@ def _unwrap(gm: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphM
             node.target = original.removeprefix(prefix)
             node._rename(node.name.removeprefix(_WRAPPED + "_"))
             try:
-                attrs[node.target] = _get_attr(model, node.target)
+                attrs[node.target] = resolve_attr(model, node.target)
             except AttributeError:
-                attrs[node.target] = _get_attr(gm, original)
+                attrs[node.target] = resolve_attr(gm, original)
         node.meta[MODULE_KEY] = _module_path(node, prefix)
     return torch.fx.GraphModule(attrs, gm.graph, class_name=type(model).__name__ + "Graph")
 
 
-def _get_attr(root: torch.nn.Module, target: str) -> Any:
+def resolve_attr(root: Any, target: str) -> Any:
+    """``root.a.b.c`` for the dotted target of a ``get_attr`` / ``call_module`` node."""
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -53,7 +53,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from . import comm
-from .capture import MODULE_KEY, CapturedModel
+from .capture import MODULE_KEY, CapturedModel, resolve_attr
 from .fx_adapter import build_op_graph
 from .graph import OpGraph
 from .plan import Plan, PlanError
@@ -599,7 +599,7 @@ def _reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes]]:
         refer = lambda n: _OpRef("node", n.name)  # noqa: E731
         nodes.append((node.op, node.name, _op_ref(node.target), torch.fx.map_arg(node.args, refer),
                       torch.fx.map_arg(node.kwargs, refer), node.meta.get(MODULE_KEY, "")))
-    attrs = {str(n.target): _get(gm, str(n.target)) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    attrs = {str(n.target): resolve_attr(gm, str(n.target)) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     state = {
         "class_name": type(gm).__name__, "nodes": nodes, "attrs": attrs, "inputs": captured.inputs,
         "method": captured.method, "example": captured.example, "attempts": captured.attempts,
@@ -663,16 +663,4 @@ def _op_ref(target: Any) -> Any:
 
 
 def _op_from_ref(ref: _OpRef) -> Any:
-    obj: Any = torch.ops
-    for part in ref.name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _get(root: Any, target: str) -> Any:
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
-
-
-copyreg.pickle(CapturedModel, _reduce_captured)
+    return resolve_attr(torch.ops, ref.name)

@@ -33,7 +33,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from .capture import CapturedModel
+from .capture import CapturedModel, resolve_attr
 from .graph import OpGraph
 
 __all__ = ["OUTPUT", "Segment", "SplitError", "run_segments", "split_graph"]
@@ -223,12 +223,5 @@ def _build_module(
             env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple([env[n] for n in sends] + results))
     graph.lint()
-    attrs = {str(n.target): _attr(gm, str(n.target)) for n in body if n.op in ("get_attr", "call_module")}
+    attrs = {str(n.target): resolve_attr(gm, str(n.target)) for n in body if n.op in ("get_attr", "call_module")}
     return torch.fx.GraphModule(attrs, graph, class_name=type(gm).__name__ + name)
-
-
-def _attr(root: torch.nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
