@@ -664,3 +664,6 @@ def _op_ref(target: Any) -> Any:
 
 def _op_from_ref(ref: _OpRef) -> Any:
     return resolve_attr(torch.ops, ref.name)
+
+
+copyreg.pickle(CapturedModel, _reduce_captured)
