@@ -121,8 +121,7 @@ def capture_profiled(profile: Profile, *, model_spec: str | None = None) -> Capt
     latent = next(spec for spec in profile.inputs if spec["latent"])
     _, captured = capture_spec(model_spec or profile.model, batch=latent["shape"][0],
                                sample_size=latent["shape"][-1])
-    specs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "latent": s.is_latent} for s in captured.inputs]
-    found = fingerprint(build_op_graph(captured), specs)
+    found = fingerprint(build_op_graph(captured), [s.to_dict() for s in captured.inputs])
     if found != profile.fingerprint:
         raise PlanError(f"the profile was made for model fingerprint {profile.fingerprint} but "
                         f"{model_spec or profile.model} is {found}; profile this model again")

@@ -54,6 +54,11 @@ class InputSpec:
     dtype: str
     is_latent: bool
 
+    def to_dict(self) -> dict[str, Any]:
+        """The form saved in profiles and plans (and hashed into the model fingerprint)."""
+        return {"name": self.name, "path": self.path, "shape": list(self.shape), "dtype": self.dtype,
+                "latent": self.is_latent}
+
 
 @dataclass
 class CapturedModel:

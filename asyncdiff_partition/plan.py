@@ -102,6 +102,17 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def bytes_per_step(self) -> int:
+        """Stale bytes this plan sends per step: each value once to each segment reading it."""
+        return sum(segment.bytes_in for segment in self.segments)
+
+    @property
+    def broadcast_bytes_per_step(self) -> int:
+        """AsyncDiff-style traffic: every value a segment hands on goes to all N - 1 other ranks."""
+        produced = {r["value"]: r["bytes"] for segment in self.segments for r in segment.receives}
+        return sum(produced.values()) * (self.n_devices - 1)
+
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())
 

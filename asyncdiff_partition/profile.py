@@ -193,8 +193,7 @@ def profile_model(
     inputs = [t.to(dev) for t in captured.example]
     graph = build_op_graph(captured, inputs)
     input_specs = [
-        {"name": s.name, "path": s.path, "shape": list(s.shape), "dtype": s.dtype, "latent": s.is_latent}
-        for s in captured.inputs
+        s.to_dict() for s in captured.inputs
     ]
     cuda = dev.type == "cuda"
     timer = NodeTimer(gm, cuda=cuda, cuda_sync=cuda_sync)

@@ -123,8 +123,7 @@ def _checked_graph(captured: CapturedModel, plan: Plan, world_size: int, stride:
 
 def _input_specs(captured: CapturedModel) -> list[dict[str, Any]]:
     # Exactly as profile_model records them: the fingerprint hashes this list.
-    return [{"name": s.name, "path": s.path, "shape": list(s.shape), "dtype": s.dtype, "latent": s.is_latent}
-            for s in captured.inputs]
+    return [s.to_dict() for s in captured.inputs]
 
 
 def _mismatch_hint(plan: Plan, graph: OpGraph, specs: list[dict[str, Any]]) -> str:

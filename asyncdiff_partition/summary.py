@@ -62,8 +62,7 @@ def summarize(captured: Any, graph: OpGraph, *, model_name: str, top: int = 5) -
         capture_method=captured.method,
         capture_fallbacks=[f"{method}: {message}" for method, message in captured.attempts],
         inputs=[
-            {"name": s.name, "path": s.path, "shape": list(s.shape), "dtype": s.dtype, "latent": s.is_latent}
-            for s in captured.inputs
+            s.to_dict() for s in captured.inputs
         ],
         nodes=len(graph),
         op_nodes=kinds.count("op"),

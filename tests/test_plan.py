@@ -34,6 +34,8 @@ def test_balanced_plan_is_contiguous_and_consistent(profile, n):
     assert p["async_step_ms"] == pytest.approx(max(s.time_ms for s in plan.segments))
     assert p["speedup"] <= p["ideal_speedup"] * (1 + 1e-9)
     assert p["ideal_speedup"] == pytest.approx(ideal_speedup(50, 1, n))
+    assert plan.bytes_per_step == sum(sum(r.values()) for r in received)
+    assert plan.broadcast_bytes_per_step >= plan.bytes_per_step or n == 1
 
 
 def test_balanced_beats_or_ties_asyncdiffs_hand_split(profile):

@@ -30,20 +30,6 @@ from asyncdiff_partition.profile import Profile, profile_model, time_segments
 from asyncdiff_partition.summary import format_bytes
 
 
-def broadcast_bytes(plan: Plan) -> int:
-    """AsyncDiff-style traffic: every value a segment hands on goes to all N - 1 other ranks."""
-    produced: dict[str, int] = {}
-    for segment in plan.segments:
-        for r in segment.receives:
-            produced[r["value"]] = r["bytes"]
-    return sum(produced.values()) * (plan.n_devices - 1)
-
-
-def point_to_point_bytes(plan: Plan) -> int:
-    """Ours: each stale value goes once to each segment that reads it."""
-    return sum(segment.bytes_in for segment in plan.segments)
-
-
 def measure(captured, plan: Plan, repeats: int) -> dict:
     measured = time_segments(captured, plan.boundaries, warmup=1, repeats=repeats)
     predicted = [s.compute_ms for s in plan.segments]
@@ -53,8 +39,8 @@ def measure(captured, plan: Plan, repeats: int) -> dict:
         "predicted": predicted,
         "balance": max(measured) / statistics.mean(measured),
         "max_error": max(errors),
-        "p2p": point_to_point_bytes(plan),
-        "broadcast": broadcast_bytes(plan),
+        "p2p": plan.bytes_per_step,
+        "broadcast": plan.broadcast_bytes_per_step,
     }
 
 

@@ -25,12 +25,6 @@ from asyncdiff_partition.profile import profile_model
 from asyncdiff_partition.summary import format_bytes
 
 
-def broadcast_bytes(plan) -> int:
-    """AsyncDiff-style traffic: every value a segment hands on goes to all N - 1 other ranks."""
-    produced = {r["value"]: r["bytes"] for s in plan.segments for r in s.receives}
-    return sum(produced.values()) * (plan.n_devices - 1)
-
-
 def denoise_ms(result: dict) -> float:
     """Total of the per-step times (the denoising loop alone: no VAE decode, no set-up)."""
     return result["summary"]["total_ms"]
@@ -86,8 +80,8 @@ def main() -> None:
           f"{measured_step:.0f} ms (median); predicted speedup {plan.predicted['speedup']:.2f}x")
     sent = summary["bytes_sent_per_step"]["median"]
     print(f"bytes sent per step: {format_bytes(sent)} measured (stale values point-to-point + eps broadcast); "
-          f"plan's stale values {format_bytes(sum(s.bytes_in for s in plan.segments))}; AsyncDiff-style "
-          f"broadcast of the same values {format_bytes(broadcast_bytes(plan))}")
+          f"plan's stale values {format_bytes(plan.bytes_per_step)}; AsyncDiff-style "
+          f"broadcast of the same values {format_bytes(plan.broadcast_bytes_per_step)}")
     import json
 
     meta = json.loads(Path(last["report"]).read_text())["meta"]
