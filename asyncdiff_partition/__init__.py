@@ -33,7 +33,8 @@ from .plan import Plan, PlanError, SegmentPlan, format_plan, ideal_speedup, make
 from .profile import Profile, ProfileError, profile_model
 from .pipeline import ScheduledDenoiser, build_pipeline, denoise, run_plan, unwrap_pipeline, wrap_pipeline
 from .report import summarise, write_report, write_trace
-from .runtime import AsyncDenoiser, LaunchError, check_plan, is_launched_externally, launch
+from .launch import LaunchError, is_launched_externally, launch
+from .runtime import AsyncDenoiser, check_plan
 from .schedule import ReferenceSchedule, ScheduleError, StepDenoiser, make_schedule
 from .split import Segment, SplitError, run_segments, split_graph
 from .summary import ModelSummary, format_summary, summarize

@@ -108,6 +108,11 @@ class CapturedModel:
     # The model whose forward signature binds the arguments; set by capture_model.
     _signature_model: Any = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        from .shipping import reduce_captured  # Note [pickling a captured model]
+
+        return reduce_captured(self)
+
 
 def capture_model(
     model: torch.nn.Module,

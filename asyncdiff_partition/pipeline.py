@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from torch import Tensor
 
 from . import zoo
 from .capture import CapturedModel, InputSpec, capture_model
+from .report import peak_resident_bytes, resident_bytes
+from .shipping import ShippedSegments
 
 __all__ = [
     "BuiltPipeline",
@@ -717,31 +720,36 @@ def _settings(config: RunConfig, plan: Any) -> tuple[int, int, int, int]:
     return steps, warmup, stride, plan.n_devices + stride - 1
 
 
-def run_worker(config: RunConfig, captured: CapturedModel | None = None) -> dict[str, Any]:
-    """One rank of an asynchronous run (the entry point ``runtime.launch`` starts on every rank).
+def run_worker(config: RunConfig, captured: CapturedModel | ShippedSegments | None = None) -> dict[str, Any]:
+    """One rank of an asynchronous run (the entry point ``launch`` starts on every rank).
 
     Joins the process group, builds the same pipeline as every other rank, captures the
-    denoiser (or takes ``captured``, the launching process's capture), keeps only this rank's
-    segment (:func:`release_weights`) and runs the pipeline with this rank's
-    :class:`~asyncdiff_partition.runtime.AsyncDenoiser` in place of the denoiser; rank 0 saves
-    the images. Returns this rank's report rows, spans and timings (picklable).
+    denoiser (or takes ``captured``: the launching process's capture, or its per-segment files
+    from :func:`~asyncdiff_partition.shipping.ship_segments`, of which this rank loads its own),
+    keeps only this rank's segment (:func:`release_weights`) and runs the pipeline with this
+    rank's :class:`~asyncdiff_partition.runtime.AsyncDenoiser` in place of the denoiser; rank 0
+    saves the images. Returns this rank's report rows, spans, timings and memory (picklable).
     """
     from . import comm, runtime
     from .plan import Plan
+    from .schedule import slot_segment
 
     torch.set_num_threads(config.threads or 1)
     plan = Plan.load(config.plan)
     steps, warmup, stride, _ = _settings(config, plan)
     rank, _, device = comm.init(timeout_s=config.timeout_s)
     try:
+        if isinstance(captured, ShippedSegments):
+            captured = captured.load(slot_segment(rank, plan.n_devices))
         built, captured, images = _prepare(config, plan, device=device, captured=captured)
         denoiser = runtime.AsyncDenoiser(captured, plan, warmup=warmup, stride=stride, timestep_input="timestep",
                                          timeout_s=config.timeout_s)
         wrap_pipeline(built.pipe, denoiser, _inputs_only(captured))
         del captured
         kept = release_weights(built.model, denoiser._segment.module)  # the only weights this rank needs
+        set_up_rss = resident_bytes()
         result = _sample(config, built, denoiser, rank=rank, steps=steps, images=images)
-        return {**result, "param_bytes": kept}
+        return {**result, "param_bytes": kept, "rss_after_setup": set_up_rss, "peak_rss": peak_resident_bytes()}
     finally:
         comm.shutdown()
 
@@ -844,18 +852,26 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
         wrap_pipeline(built.pipe, schedule, captured)
         results = {0: _sample(config, built, schedule, rank=0, steps=steps, images=images)}
     else:
-        from . import runtime
+        from .fx_adapter import build_op_graph
+        from .launch import is_launched_externally, launch
+        from .shipping import ship_segments
+        from .split import split_graph
 
         threads = config.threads or max(1, torch.get_num_threads() // world)
         worker_config = replace(config, threads=threads)
         del built  # every worker builds its own pipeline around the capture
-        if runtime.is_launched_externally():
+        if is_launched_externally():
             # Each rank returns only its own rows: rank 0's report holds rank 0 alone (ranks_reported).
             mine = run_worker(worker_config, captured)
             results = {mine["rank"]: mine}
         else:
-            # The workers get this capture (pickled): no capture per rank, the same graph everywhere.
-            results = runtime.launch(run_worker, (worker_config, captured), world, timeout_s=config.timeout_s)
+            # The workers get this capture, each with only its segment's weights: no capture per
+            # rank, the same graph everywhere, no full replica in any worker.
+            with tempfile.TemporaryDirectory(prefix="asyncdiff-run-") as directory:
+                segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+                shipped = ship_segments(captured, segments, directory)
+                del segments
+                results = launch(run_worker, (worker_config, shipped), world, timeout_s=config.timeout_s)
     return _write_outputs(config, meta, results)
 
 
@@ -869,8 +885,9 @@ def _write_outputs(config: RunConfig, meta: dict[str, Any], results: Mapping[int
     meta = {**meta, "wall_s": max(r["wall_s"] for r in results.values()), "capture_method": first["method"],
             "latent_shape": first["latent_shape"], "pipeline_note": first["note"],
             "ranks_reported": sorted(results), "threads_per_rank": first["threads"], "device": first["device"]}
-    if all("param_bytes" in r for r in results.values()):
-        meta["param_bytes_per_rank"] = [results[rank]["param_bytes"] for rank in sorted(results)]
+    for key in ("param_bytes", "rss_after_setup", "peak_rss"):
+        if all(key in r for r in results.values()):
+            meta[f"{key}_per_rank"] = [results[rank][key] for rank in sorted(results)]
     rows = {rank: r["report"] for rank, r in results.items()}
     report = write_report(Path(config.out_dir) / "report.json", rows, meta)
     trace = write_trace(config.trace, {rank: r["spans"] for rank, r in results.items()}) if config.trace else None

@@ -14,6 +14,8 @@ one clock shared by the ranks of a node (``time.perf_counter``).
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,13 +23,30 @@ from typing import Any
 
 from .files import read_json, write_json_atomic
 
-__all__ = ["SCHEMA_VERSION", "format_run", "load_report", "summarise", "write_report", "write_trace"]
+__all__ = [
+    "SCHEMA_VERSION", "format_run", "load_report", "peak_resident_bytes", "resident_bytes", "summarise",
+    "write_report", "write_trace",
+]
 
 SCHEMA_VERSION = 1
 StepRow = dict[str, Any]
 PerRank = Mapping[int, Sequence[StepRow]] | Sequence[Sequence[StepRow]]
 
 _PARTS = ("compute_ms", "wait_ms", "comm_ms")
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _by_rank(per_rank: PerRank) -> dict[int, list[StepRow]]:

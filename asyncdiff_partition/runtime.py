@@ -32,17 +32,8 @@ is a list or tuple of tensors (an ``aten.chunk`` result, say) travels as its ten
 
 from __future__ import annotations
 
-import copyreg
-import io
 import json
-import os
-import pickle
-import shutil
-import socket
-import tempfile
 import time
-import uuid
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +44,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from . import comm
-from .capture import MODULE_KEY, CapturedModel, resolve_attr
+from .capture import CapturedModel
 from .fx_adapter import build_op_graph
 from .graph import OpGraph
 from .plan import Plan, PlanError
@@ -72,7 +63,7 @@ from .schedule import (
 )
 from .split import OUTPUT, split_graph
 
-__all__ = ["AsyncDenoiser", "LaunchError", "check_plan", "is_launched_externally", "launch"]
+__all__ = ["AsyncDenoiser", "check_plan"]
 
 _REAL_PASS_BYTES = 64 * 2**20  # see _shape_pass
 
@@ -452,217 +443,3 @@ class AsyncDenoiser:
         self._spans.append({"name": name, "step": stats["step"], "rank": self.rank,
                             "start_s": self._clock + begin, "end_s": self._clock + end})
         return (end - begin) * 1e3
-
-
-# --- launching ---------------------------------------------------------------------------------
-
-
-class LaunchError(RuntimeError):
-    """A worker of :func:`launch` failed; ``rank`` and ``error`` name the first (root) failure."""
-
-    def __init__(self, message: str, rank: int, error: str, failures: dict[int, str]):
-        super().__init__(message)
-        self.rank, self.error, self.failures = rank, error, failures
-
-
-def is_launched_externally() -> bool:
-    """True inside a worker that an outside ``torchrun`` (or any elastic agent) started."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def launch(
-    entrypoint: Callable[..., Any],
-    args: tuple = (),
-    nproc: int = 1,
-    *,
-    nnodes: int = 1,
-    timeout_s: float = 60.0,
-    rdzv_endpoint: str = "127.0.0.1:0",
-    rdzv_id: str | None = None,
-    start_method: str = "spawn",
-) -> dict[int, Any]:
-    """Run ``entrypoint(*args)`` on ``nproc`` new processes of this node (torch elastic agent).
-
-    Each worker finds its rank and peers in the environment (:func:`asyncdiff_partition.comm.init`),
-    with ``timeout_s`` as the process group's bound on every wait. When one worker raises, the
-    agent stops the others and this raises :class:`LaunchError` with one line naming the
-    rank and the error that came first; errors of ranks that only lost their peer
-    (:class:`~asyncdiff_partition.comm.PeerError`) count as consequences, not causes.
-
-    Example:
-        >>> launch(my_worker, (plan_path,), nproc=3)  # doctest: +SKIP
-        {0: ..., 1: ..., 2: ...}
-
-    Args:
-        entrypoint: a module-level function (it is pickled by name for ``spawn``).
-        args: its arguments (pickled; a :class:`CapturedModel` can be among them).
-        nproc: processes on this node.
-        nnodes: nodes; with more than one, every node runs ``launch`` with the same
-            ``rdzv_endpoint`` (a fixed port) and ``rdzv_id``.
-        timeout_s: process-group timeout for the workers.
-        rdzv_endpoint: ``host:port`` of the rendezvous; port 0 picks a free port (one node only).
-        rdzv_id: rendezvous id shared by the nodes; default a fresh one (one node only).
-        start_method: ``spawn`` (default), ``fork`` or ``forkserver``.
-
-    Returns:
-        Global rank -> the entrypoint's return value, for this node's workers.
-
-    Raises:
-        ValueError: bad arguments.
-        LaunchError: a worker failed.
-    """
-    if nproc < 1 or nnodes < 1:
-        raise ValueError(f"need nproc >= 1 and nnodes >= 1, got nproc={nproc}, nnodes={nnodes}")
-    host, _, port = rdzv_endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"rdzv_endpoint must be host:port, got {rdzv_endpoint!r}")
-    if nnodes > 1 and (port == "0" or rdzv_id is None):
-        raise ValueError("with several nodes, give every node the same rdzv_endpoint with a fixed port and the same rdzv_id")
-    if port == "0":
-        port = str(_free_port(host))
-    errors = tempfile.mkdtemp(prefix="asyncdiff-launch-")
-    try:
-        return comm.run_workers(
-            _worker, (entrypoint, tuple(args), errors, float(timeout_s)), nproc=nproc, nnodes=nnodes,
-            endpoint=f"{host}:{port}", run_id=rdzv_id or uuid.uuid4().hex, start_method=start_method,
-        )
-    except comm.WorkersFailed as failed:
-        raise _launch_error(failed.failures, errors) from None
-    finally:
-        shutil.rmtree(errors, ignore_errors=True)
-
-
-def _worker(entrypoint: Callable[..., Any], args: tuple, errors: str, timeout_s: float) -> Any:
-    """Runs in each worker: the entrypoint, with its failure written down for :func:`launch`."""
-    os.environ[comm.TIMEOUT_ENV] = str(timeout_s)
-    try:
-        result = entrypoint(*args)
-    except BaseException as error:
-        rank = int(os.environ.get("RANK", "-1"))
-        record = {"rank": rank, "error": f"{type(error).__name__}: {' '.join(str(error).split())}",
-                  "time": time.time(), "peer": isinstance(error, comm.PeerError)}
-        path = os.path.join(errors, f"rank{rank}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as file:
-            json.dump(record, file)
-        os.replace(path + ".tmp", path)
-        raise
-    comm.shutdown()
-    return result
-
-
-def _launch_error(failures: dict[int, tuple[int, str]], errors: str) -> LaunchError:
-    records = []
-    for name in os.listdir(errors):
-        if name.endswith(".json"):
-            with open(os.path.join(errors, name), encoding="utf-8") as file:
-                records.append(json.load(file))
-    if records:  # causes before consequences, then the earliest
-        first = min(records, key=lambda r: (r["peer"], r["time"]))
-        rank, error = first["rank"], first["error"]
-    else:  # died without raising (a signal, os._exit): what the agent saw
-        rank = min(failures)
-        code, text = failures[rank]
-        error = f"exit code {code}" + (f" ({text})" if text and "elastic/errors.html" not in text else "")
-    others = sorted((set(failures) | {r["rank"] for r in records}) - {rank})
-    tail = f" (then {'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))} failed too)" if others else ""
-    return LaunchError(f"rank {rank} failed: {error}{tail}", rank, error,
-                       {r: text for r, (_, text) in failures.items()})
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-# Note [pickling a captured model]
-# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# launch(spawn) pickles its arguments. An fx.GraphModule pickles as Python source that is
-# traced again on load, which changes an exported graph (other nodes, other order: another
-# fingerprint), and the aten operators in an exported graph do not pickle at all. So a
-# CapturedModel pickles as its graph's node list (aten operators by name, node metadata cut to
-# the module path) plus its tensors, and is rebuilt node for node, names included.
-
-
-class _OpRef:
-    """Stands for an fx node argument (by name) or an operator (by qualified name)."""
-
-    def __init__(self, kind: str, name: str):
-        self.kind, self.name = kind, name
-
-
-def _reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes]]:
-    gm = captured.graph_module
-    nodes = []
-    for node in gm.graph.nodes:
-        refer = lambda n: _OpRef("node", n.name)  # noqa: E731
-        nodes.append((node.op, node.name, _op_ref(node.target), torch.fx.map_arg(node.args, refer),
-                      torch.fx.map_arg(node.kwargs, refer), node.meta.get(MODULE_KEY, "")))
-    attrs = {str(n.target): resolve_attr(gm, str(n.target)) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    state = {
-        "class_name": type(gm).__name__, "nodes": nodes, "attrs": attrs, "inputs": captured.inputs,
-        "method": captured.method, "example": captured.example, "attempts": captured.attempts,
-        "treespec": captured._treespec, "constants": captured._constants, "model": captured._signature_model,
-    }
-    buffer = io.BytesIO()
-    _OpPickler(buffer).dump(state)
-    return _restore_captured, (buffer.getvalue(),)
-
-
-def _restore_captured(blob: bytes) -> CapturedModel:
-    with warnings.catch_warnings():  # torch's own TreeSpec unpickling warns about LeafSpec
-        warnings.simplefilter("ignore", FutureWarning)
-        state = pickle.loads(blob)
-    graph = torch.fx.Graph()
-    made: dict[str, torch.fx.Node] = {}
-
-    def resolve(value: Any) -> Any:
-        if isinstance(value, _OpRef):
-            return made[value.name] if value.kind == "node" else _op_from_ref(value)
-        if isinstance(value, (list, tuple)):
-            return type(value)(resolve(v) for v in value) if not hasattr(value, "_fields") else type(value)(*map(resolve, value))
-        if isinstance(value, dict):
-            return {k: resolve(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(resolve(value.start), resolve(value.stop), resolve(value.step))
-        return value
-
-    for op, name, target, args, kwargs, module in state["nodes"]:
-        target = resolve(target)
-        if op == "output":
-            node = graph.output(resolve(args)[0])
-        else:
-            node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=name)
-        node.meta[MODULE_KEY] = module
-        made[name] = node
-    gm = torch.fx.GraphModule(state["attrs"], graph, class_name=state["class_name"])
-    return CapturedModel(
-        graph_module=gm, inputs=state["inputs"], method=state["method"], example=state["example"],
-        attempts=state["attempts"], _treespec=state["treespec"], _constants=state["constants"],
-        _signature_model=state["model"],
-    )
-
-
-class _OpPickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch._ops.OperatorBase):
-            ref = _op_ref(obj)
-            return _OpRef, (ref.kind, ref.name)
-        return NotImplemented
-
-
-def _op_ref(target: Any) -> Any:
-    if isinstance(target, torch._ops.OpOverload):
-        return _OpRef("op", f"{target.namespace}.{target._opname}.{target._overloadname}")
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return _OpRef("op", f"{target._qualified_op_name.replace('::', '.')}")
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return _OpRef("op", f"higher_order.{target.name()}")
-    return target
-
-
-def _op_from_ref(ref: _OpRef) -> Any:
-    return resolve_attr(torch.ops, ref.name)
-
-
-copyreg.pickle(CapturedModel, _reduce_captured)

@@ -43,14 +43,6 @@ except ImportError:  # the schedule module is written in parallel: a stand-in, e
             return run_segments(self.segments, inputs)
 
 
-def _has_runtime() -> bool:
-    try:
-        from asyncdiff_partition import runtime
-    except ImportError:
-        return False
-    return all(hasattr(runtime, name) for name in ("launch", "AsyncDenoiser", "check_plan"))
-
-
 STEPS = 3
 CUT = {"tiny-unet2d-condition": "up_blocks.1", "tiny-dit": "transformer_blocks.3", "tiny-unet2d": "up_blocks.1"}
 
@@ -275,7 +267,6 @@ def test_run_mistakes_are_one_line_errors(dit_plan, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
 
 
-@pytest.mark.skipif(not _has_runtime(), reason="asyncdiff_partition.runtime (launch, AsyncDenoiser) not there yet")
 def test_run_on_two_processes_matches_the_reference(unet_captured, tmp_path):
     profile = tiny_profile("tiny-unet2d-condition")
     plan_path = make_plan(profile, 2, steps=STEPS, warmup=1).save(tmp_path / "plan.json")
@@ -287,6 +278,7 @@ def test_run_on_two_processes_matches_the_reference(unet_captured, tmp_path):
     total = sum(p.numel() * p.element_size() for p in unet_captured.graph_module.parameters())
     kept = report["meta"]["param_bytes_per_rank"]
     assert len(kept) == 2 and all(0 < k < total for k in kept)  # each rank keeps its segment only
+    assert len(report["meta"]["peak_rss_per_rank"]) == 2 and all(report["meta"]["rss_after_setup_per_rank"])
 
     # The reference, in this process, on the same segments (same seed-0 weights).
     built = build_pipeline("tiny-unet2d-condition", seed=0)

@@ -17,7 +17,8 @@ from asyncdiff_partition.capture import capture_model
 from asyncdiff_partition.fx_adapter import build_op_graph
 from asyncdiff_partition.plan import Plan, PlanError, make_plan
 from asyncdiff_partition.profile import profile_model
-from asyncdiff_partition.runtime import LaunchError, check_plan, is_launched_externally, launch
+from asyncdiff_partition.launch import LaunchError, is_launched_externally, launch
+from asyncdiff_partition.runtime import check_plan
 from asyncdiff_partition.schedule import ReferenceSchedule, slot_segment
 from asyncdiff_partition.split import split_graph
 from conftest import tiny_captured
@@ -233,7 +234,8 @@ def test_launch_arguments():
 
 def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
     from asyncdiff_partition import comm
-    from asyncdiff_partition.runtime import AsyncDenoiser, _free_port
+    from asyncdiff_partition.launch import _free_port
+    from asyncdiff_partition.runtime import AsyncDenoiser
 
     name = MODELS[1]
     captured = tiny_captured(name)
