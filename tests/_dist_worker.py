@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import pickle
+import signal
 import time
 import weakref
 from typing import Any
@@ -87,8 +89,9 @@ def run_jobs(blobs: dict[str, bytes], jobs: list[dict[str, Any]], timesteps: lis
     return out
 
 
-def fail_at(blob: bytes, plan, timesteps: list[int], rank_to_fail: int, step_to_fail: int, hang: bool = False) -> None:
-    """Sample, with rank ``rank_to_fail``'s segment raising (or hanging) at step ``step_to_fail``."""
+def fail_at(blob: bytes, plan, timesteps: list[int], rank_to_fail: int, step_to_fail: int, how: str = "raise") -> None:
+    """Sample, with rank ``rank_to_fail``'s segment failing at step ``step_to_fail``: it raises,
+    hangs (``how="hang"``) or its process is killed (``how="kill"``, SIGKILL: no clean-up)."""
     torch.set_num_threads(1)
     rank, _, _ = comm.init()
     captured = pickle.loads(blob)
@@ -100,10 +103,23 @@ def fail_at(blob: bytes, plan, timesteps: list[int], rank_to_fail: int, step_to_
         def failing(*args):
             calls.append(1)
             if len(calls) > step_to_fail:
-                if hang:
+                if how == "hang":
                     time.sleep(600)
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure in segment {denoiser._segment.index}")
             return module(*args)
 
         denoiser._segment.module = failing
     sample(denoiser, feed, captured.latent.name, timesteps)
+
+
+class Unloadable:
+    """Pickles fine, fails to unpickle: a worker that dies before its entry point runs."""
+
+    def __reduce__(self):
+        return _refuse, ("this argument cannot be loaded in a worker",)
+
+
+def _refuse(message: str):
+    raise RuntimeError(message)

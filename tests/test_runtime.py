@@ -217,11 +217,31 @@ def test_a_hanging_rank_is_a_timeout_on_its_peers():
     captured, plan = _chunk_model()
     begin = time.monotonic()
     with pytest.raises(LaunchError) as failure:
-        launch(worker.fail_at, (pickle.dumps(captured), plan, TIMESTEPS, 1, 1, True), 2, timeout_s=5)
+        launch(worker.fail_at, (pickle.dumps(captured), plan, TIMESTEPS, 1, 1, "hang"), 2, timeout_s=5)
     message = str(failure.value)
     assert failure.value.rank == 0
     assert message.startswith("rank 0 failed: PeerError: rank 0: waiting for ε of step 1 from rank 1"), message
     assert time.monotonic() - begin < 40
+
+
+def test_a_killed_rank_stops_the_run():
+    captured, plan = _chunk_model()
+    begin = time.monotonic()
+    with pytest.raises(LaunchError) as failure:
+        launch(worker.fail_at, (pickle.dumps(captured), plan, TIMESTEPS, 1, 2, "kill"), 2, timeout_s=30)
+    message = str(failure.value)
+    assert "\n" not in message
+    # Rank 1 left no error behind (SIGKILL); its peer either lost it or was stopped by the agent.
+    assert message.startswith(("rank 1 failed: exit code -9", "rank 0 failed: PeerError")), message
+    assert time.monotonic() - begin < 60
+
+
+def test_workers_that_die_before_their_entry_point_fail_fast():
+    begin = time.monotonic()
+    with pytest.raises(LaunchError) as failure:
+        launch(worker.run_jobs, (worker.Unloadable(), [], TIMESTEPS), 2, timeout_s=30)
+    assert str(failure.value).startswith("rank 0 failed: exit code 1"), str(failure.value)
+    assert time.monotonic() - begin < 30
 
 
 def test_launch_arguments():
