@@ -280,16 +280,47 @@ def test_run_on_two_processes_matches_the_reference(unet_captured, tmp_path):
     assert len(kept) == 2 and all(0 < k < total for k in kept)  # each rank keeps its segment only
     assert len(report["meta"]["peak_rss_per_rank"]) == 2 and all(report["meta"]["rss_after_setup_per_rank"])
 
-    # The reference, in this process, on the same segments (same seed-0 weights).
-    built = build_pipeline("tiny-unet2d-condition", seed=0)
-    graph = build_op_graph(unet_captured)
+    actual = np.asarray(Image.open(tmp_path / "async" / "image-0.png"), dtype=np.int16)
+    assert np.abs(actual - _reference_image(unet_captured, plan_path)).max() <= 1
+
+
+def _reference_image(captured, plan_path) -> np.ndarray:
+    """The reference schedule, in this process, on the plan's segments (same seed-0 weights)."""
     from asyncdiff_partition.plan import Plan
 
-    segments = split_graph(unet_captured, graph, Plan.load(plan_path).boundaries)
-    wrap_pipeline(built.pipe, ReferenceSchedule(segments, warmup=1), unet_captured)
+    built = build_pipeline("tiny-unet2d-condition", seed=0)
+    segments = split_graph(captured, build_op_graph(captured), Plan.load(plan_path).boundaries)
+    wrap_pipeline(built.pipe, ReferenceSchedule(segments, warmup=1), captured)
     (expected,) = built(steps=STEPS, guidance_scale=5.0)
-    actual = np.asarray(Image.open(tmp_path / "async" / "image-0.png"), dtype=np.int16)
-    assert np.abs(actual - np.asarray(expected, dtype=np.int16)).max() <= 1
+    return np.asarray(expected, dtype=np.int16)
+
+
+def test_two_elastic_agents_run_the_plan_as_two_nodes(unet_captured, tmp_path):
+    """The multi-node path: two torchrun agents (--nnodes 2, one rendezvous) on this host."""
+    import os
+    import subprocess
+    import sys
+
+    from asyncdiff_partition.launch import _free_port
+
+    plan_path = make_plan(tiny_profile("tiny-unet2d-condition"), 2, steps=STEPS, warmup=1).save(tmp_path / "plan.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port('127.0.0.1')}",
+               "--rdzv_id", "two-nodes", "-m", "asyncdiff_partition.cli.main", "run", "--plan", str(plan_path),
+               "--out", str(tmp_path / "multi"), "--timeout", "60"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    report = load_report(tmp_path / "multi" / "report.json")
+    assert report["meta"]["world_size"] == 2 and report["meta"]["ranks_reported"] == [0]
+    actual = np.asarray(Image.open(tmp_path / "multi" / "image-0.png"), dtype=np.int16)
+    assert np.abs(actual - _reference_image(unet_captured, plan_path)).max() <= 1
 
 
 def test_run_config_is_picklable():
