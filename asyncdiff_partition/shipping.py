@@ -128,8 +128,13 @@ class _OpRef:
         self.kind, self.name = kind, name
 
 
-def reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes]]:
-    """``CapturedModel.__reduce__``: see Note [pickling a captured model]."""
+def reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes, list[Any]]]:
+    """``CapturedModel.__reduce__``: see Note [pickling a captured model].
+
+    The graph goes into a blob of its own pickler (operators by name); the tensors stay outside
+    it, in a list the outer pickler writes one by one, so loading never holds a blob of all
+    the weights and the weights at once.
+    """
     gm = captured.graph_module
     nodes = []
     for node in gm.graph.nodes:
@@ -143,14 +148,15 @@ def reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes]]:
         "treespec": captured._treespec, "constants": captured._constants, "model": captured._signature_model,
     }
     buffer = io.BytesIO()
-    _OpPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
-    return _restore_captured, (buffer.getvalue(),)
+    pickler = _OpPickler(buffer)
+    pickler.dump(state)
+    return _restore_captured, (buffer.getvalue(), pickler.tensors)
 
 
-def _restore_captured(blob: bytes) -> CapturedModel:
+def _restore_captured(blob: bytes, tensors: list[torch.Tensor]) -> CapturedModel:
     with warnings.catch_warnings():  # torch's own TreeSpec unpickling warns about LeafSpec
         warnings.simplefilter("ignore", FutureWarning)
-        state = pickle.loads(blob)
+        state = _OpUnpickler(io.BytesIO(blob), tensors).load()
     graph = torch.fx.Graph()
     made: dict[str, torch.fx.Node] = {}
 
@@ -182,13 +188,46 @@ def _restore_captured(blob: bytes) -> CapturedModel:
 
 
 class _OpPickler(pickle.Pickler):
+    """Operators by name; every tensor (parameters too) by index into :attr:`tensors`."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[Any] = []
+        self._index: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        if id(obj) not in self._index:
+            self._index[id(obj)] = len(self.tensors)
+            shipped = _StandIn(tuple(obj.shape), obj.dtype, isinstance(obj, torch.nn.Parameter)) if id(obj) in _replace else obj
+            self.tensors.append(shipped)
+        return ("tensor", self._index[id(obj)])
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch._ops.OperatorBase):
             ref = _op_ref(obj)
             return _OpRef, (ref.kind, ref.name)
-        if isinstance(obj, torch.Tensor) and id(obj) in _replace:
-            return _stand_in, (tuple(obj.shape), obj.dtype, isinstance(obj, torch.nn.Parameter))
         return NotImplemented
+
+
+class _OpUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]):
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.tensors[pid[1]]
+
+
+class _StandIn:
+    """Pickles as a weight stand-in (Note [weight stand-ins])."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, parameter: bool):
+        self.args = (shape, dtype, parameter)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _stand_in, self.args
 
 
 def _op_ref(target: Any) -> Any:

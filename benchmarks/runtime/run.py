@@ -11,6 +11,7 @@ Measured in one run, one after the other, on the same pipeline, seed and steps:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -65,13 +66,14 @@ def main() -> None:
         runs["async N=2"].append(run_plan(config("async", warmup=args.warmup, threads=1)))
 
     base = statistics.median(denoise_ms(r) for r in runs["sequential"])
-    print("\n| configuration | processes x threads | denoising loop s (median) | speedup | ideal |")
-    print("|---|---|---|---|---|")
+    print("\n| configuration | processes x threads | denoising loop s (median) | each repeat s | speedup | ideal |")
+    print("|---|---|---|---|---|---|")
     shape = {"sequential": "1 x 1", "2 threads": "1 x 2", "async N=2": "2 x 1"}
     for label, results in runs.items():
         total = statistics.median(denoise_ms(r) for r in results)
         ideal = ideal_speedup(args.steps, args.warmup, 2) if label == "async N=2" else 1.0
-        print(f"| {label} | {shape[label]} | {total / 1e3:.1f} | {base / total:.2f}x | {ideal:.2f}x |")
+        each = ", ".join(f"{denoise_ms(r) / 1e3:.1f}" for r in results)
+        print(f"| {label} | {shape[label]} | {total / 1e3:.1f} | {each} | {base / total:.2f}x | {ideal:.2f}x |")
 
     last = runs["async N=2"][-1]
     summary = last["summary"]
@@ -82,12 +84,13 @@ def main() -> None:
     print(f"bytes sent per step: {format_bytes(sent)} measured (stale values point-to-point + eps broadcast); "
           f"plan's stale values {format_bytes(plan.bytes_per_step)}; AsyncDiff-style "
           f"broadcast of the same values {format_bytes(plan.broadcast_bytes_per_step)}")
-    import json
-
     meta = json.loads(Path(last["report"]).read_text())["meta"]
-    per_rank = meta.get("param_bytes_per_rank", [])
-    print(f"parameters held per rank: {', '.join(format_bytes(b) for b in per_rank)} vs a full replica "
-          f"{format_bytes(full_params)} on each rank")
+    def listed(key: str) -> str:
+        return ", ".join(format_bytes(b) for b in meta.get(f"{key}_per_rank", []))
+
+    print(f"parameters held per rank: {listed('param_bytes')} vs a full replica {format_bytes(full_params)}")
+    print(f"resident memory per rank after set-up: {listed('rss_after_setup')}; peak: {listed('peak_rss')} "
+          f"(a process holding the full model: {format_bytes(full_params)} of weights alone)")
     print(f"(work files in {work})")
 
 
