@@ -497,9 +497,12 @@ class BuiltPipeline:
             kwargs = {k: _repeat(v, images) for k, v in self.text.items()}
             out = self.pipe(**kwargs, guidance_scale=guidance_scale, **common)
         elif self.kind == "class":
-            labels = torch.randint(0, self.model.config.num_embeds_ada_norm, (images,),
-                                   generator=torch.Generator().manual_seed(self.seed))
-            out = self.pipe(class_labels=labels.tolist(), guidance_scale=guidance_scale, **common)
+            if hasattr(self.pipe, "default_labels"):  # ClassGuidedPipeline: every class in turn
+                labels = self.pipe.default_labels(images)
+            else:
+                labels = torch.randint(0, self.model.config.num_embeds_ada_norm, (images,),
+                                       generator=torch.Generator().manual_seed(self.seed)).tolist()
+            out = self.pipe(class_labels=labels, guidance_scale=guidance_scale, **common)
         else:
             out = self.pipe(batch_size=images, **common)
         return out.images
@@ -530,6 +533,8 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
                                   loop; needs no transformers), tiny AutoencoderKL, DDIM
                                   with SD's betas; random prompt embeddings (1, 77, ctx)
     UNet2DModel                   DDIMPipeline (pixel space)
+    UNet2DModel, num_class_embeds :class:`~asyncdiff_partition.class_pipeline.ClassGuidedPipeline`
+                                  (pixel space, DDIM, guidance); labels 0, 1, 2, ... in turn
     DiTTransformer2DModel         DiTPipeline, tiny AutoencoderKL, DDIM; random class labels
     ============================  =========================================================
 
@@ -566,6 +571,10 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
     torch.manual_seed(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     cfg = model.config
+    if kind == "UNet2DModel" and cfg.num_class_embeds is not None:  # class-conditional, guided
+        from .class_pipeline import ClassGuidedPipeline
+
+        return BuiltPipeline(ClassGuidedPipeline(unet=model, scheduler=_scheduler(directory, {})), model, "class", seed)
     if kind == "UNet2DModel":
         scheduler = _scheduler(directory, {})
         return BuiltPipeline(diffusers.DDIMPipeline(unet=model, scheduler=scheduler), model, "unconditional", seed)
@@ -850,7 +859,8 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
         segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
         schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input="timestep")
         wrap_pipeline(built.pipe, schedule, captured)
-        results = {0: _sample(config, built, schedule, rank=0, steps=steps, images=images)}
+        results = {0: {**_sample(config, built, schedule, rank=0, steps=steps, images=images),
+                       "peak_rss": peak_resident_bytes()}}
     else:
         from .fx_adapter import build_op_graph
         from .launch import is_launched_externally, launch

@@ -15,7 +15,6 @@ one clock shared by the ranks of a node (``time.perf_counter``).
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,9 +43,19 @@ def resident_bytes() -> int | None:
         return None
 
 
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory so far (``ru_maxrss``, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_resident_bytes() -> int | None:
+    """This process's peak resident memory so far (Linux ``VmHWM``; None elsewhere).
+
+    Not ``ru_maxrss``: a spawned worker inherits its parent's through ``execve``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _by_rank(per_rank: PerRank) -> dict[int, list[StepRow]]:

@@ -11,8 +11,8 @@ Measured in one run, one after the other, on the same pipeline, seed and steps:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from asyncdiff_partition.api import capture_spec
-from asyncdiff_partition.pipeline import RunConfig, run_plan
 from asyncdiff_partition.plan import ideal_speedup, make_plan
+from asyncdiff_partition.report import load_report
 from asyncdiff_partition.profile import profile_model
 from asyncdiff_partition.summary import format_bytes
 
@@ -29,6 +29,14 @@ from asyncdiff_partition.summary import format_bytes
 def denoise_ms(result: dict) -> float:
     """Total of the per-step times (the denoising loop alone: no VAE decode, no set-up)."""
     return result["summary"]["total_ms"]
+
+
+# Note [fresh processes]
+# On this project's CPU machine (a VM) the same single-thread forward of a weight-bound model ran
+# 1.3 s or 0.63 s depending on where in memory its weights landed: in one process, a third
+# pipeline built after two others was 2x faster, same image, one core busy. Every configuration
+# therefore runs in a process of its own, as the asynchronous ranks always do, so that no
+# configuration inherits another's memory.
 
 
 def main() -> None:
@@ -52,18 +60,19 @@ def main() -> None:
     print(f"# {args.model}, latent 2x4x{args.size}x{args.size}, {args.steps} DDIM steps, W={args.warmup}, "
           f"{profile.device_name}; eager forward {profile.eager_ms['median']:.0f} ms (1 thread)", flush=True)
 
-    def config(label: str, **kw) -> RunConfig:
-        return RunConfig(model=None, plan=str(plan_path), steps=args.steps, out_dir=str(work / label),
-                         progress=False, **kw)
+    def run(label: str, threads: int, *options: str) -> dict:
+        """One configuration in a fresh process (Note [fresh processes]); its run report."""
+        out = work / label
+        command = [sys.executable, "-m", "asyncdiff_partition.cli.main", "--threads", str(threads), "run",
+                   "--plan", str(plan_path), "--steps", str(args.steps), "--out", str(out), *options]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return load_report(out / "report.json")
 
     runs: dict[str, list[dict]] = {"sequential": [], "2 threads": [], "async N=2": []}
     for _ in range(args.repeats):
-        torch.set_num_threads(1)
-        runs["sequential"].append(run_plan(config("seq", warmup=args.steps, reference=True)))
-        torch.set_num_threads(2)
-        runs["2 threads"].append(run_plan(config("seq2", warmup=args.steps, reference=True)))
-        torch.set_num_threads(1)
-        runs["async N=2"].append(run_plan(config("async", warmup=args.warmup, threads=1)))
+        runs["sequential"].append(run("seq", 1, "--reference", "--warmup", str(args.steps)))
+        runs["2 threads"].append(run("seq2", 2, "--reference", "--warmup", str(args.steps)))
+        runs["async N=2"].append(run("async", 1, "--warmup", str(args.warmup)))
 
     base = statistics.median(denoise_ms(r) for r in runs["sequential"])
     print("\n| configuration | processes x threads | denoising loop s (median) | each repeat s | speedup | ideal |")
@@ -76,7 +85,7 @@ def main() -> None:
         print(f"| {label} | {shape[label]} | {total / 1e3:.1f} | {each} | {base / total:.2f}x | {ideal:.2f}x |")
 
     last = runs["async N=2"][-1]
-    summary = last["summary"]
+    summary, meta = last["summary"], last["meta"]
     measured_step = summary.get("async_step_ms", summary["step_ms"])["median"]
     print(f"\npredicted asynchronous step {plan.predicted['async_step_ms']:.0f} ms, measured "
           f"{measured_step:.0f} ms (median); predicted speedup {plan.predicted['speedup']:.2f}x")
@@ -84,13 +93,13 @@ def main() -> None:
     print(f"bytes sent per step: {format_bytes(sent)} measured (stale values point-to-point + eps broadcast); "
           f"plan's stale values {format_bytes(plan.bytes_per_step)}; AsyncDiff-style "
           f"broadcast of the same values {format_bytes(plan.broadcast_bytes_per_step)}")
-    meta = json.loads(Path(last["report"]).read_text())["meta"]
+
     def listed(key: str) -> str:
         return ", ".join(format_bytes(b) for b in meta.get(f"{key}_per_rank", []))
 
     print(f"parameters held per rank: {listed('param_bytes')} vs a full replica {format_bytes(full_params)}")
     print(f"resident memory per rank after set-up: {listed('rss_after_setup')}; peak: {listed('peak_rss')} "
-          f"(a process holding the full model: {format_bytes(full_params)} of weights alone)")
+          f"vs the sequential process's peak {format_bytes(runs['sequential'][-1]['meta']['peak_rss_per_rank'][0])}")
     print(f"(work files in {work})")
 
 
