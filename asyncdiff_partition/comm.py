@@ -33,6 +33,7 @@ __all__ = [
     "broadcast",
     "device",
     "init",
+    "barrier",
     "irecv",
     "is_initialized",
     "isend",
@@ -155,6 +156,15 @@ def broadcast(tensor: Tensor, src: int, what: str = "broadcast") -> None:
         return
     work = _call(f"{what} from rank {src}", dist.broadcast, tensor, src, async_op=True)
     wait([work], f"{what} from rank {src}")
+
+
+def barrier(what: str = "barrier") -> None:
+    """Wait until every rank gets here (bounded by the timeout; an all-reduce of one number)."""
+    if world_size() == 1:
+        return
+    token = torch.zeros(1, device=device())
+    work = _call(what, dist.all_reduce, token, async_op=True)
+    wait([work], f"{what} (all ranks)")
 
 
 class WorkersFailed(RuntimeError):

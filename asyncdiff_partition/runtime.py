@@ -285,9 +285,12 @@ class AsyncDenoiser:
         """Start a sampling run over ``timesteps`` (the values the loop feeds the model, in order).
 
         Finishes the transfers of an unfinished previous run first (every rank must stop a
-        run at the same step), then clears all state, the report and the spans.
+        run at the same step), then clears all state, the report and the spans, and waits
+        for every rank: the run starts together, so a rank whose set-up took longer does not
+        show up as the first step's cost on the others.
         """
         self._drain()
+        comm.barrier("starting a sampling run")
         check_timestep_input(self.timestep_input, self._input_names, stride=self.stride, time_shift=self.time_shift)
         table = make_schedule(self.n_segments, len(timesteps), warmup=self.warmup, stride=self.stride,
                               time_shift=self.time_shift)
