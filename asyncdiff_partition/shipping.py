@@ -64,9 +64,15 @@ class ShippedSegments:
         return Path(self.directory) / f"segment{segment}.pt"
 
     def load(self, segment: int) -> CapturedModel:
-        """The capture with ``segment``'s weights real and every other weight a stand-in."""
-        with open(self.path(segment), "rb") as file:
-            return pickle.load(file)
+        """The capture with ``segment``'s weights real and every other weight a stand-in.
+
+        The weights are mapped from the file, not read into a buffer and copied: loading
+        never holds them twice.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch.load on a file we wrote ourselves
+            shipped = torch.load(self.path(segment), mmap=True, weights_only=False)
+        return _restore_captured(shipped["graph"], shipped["tensors"])
 
 
 def ship_segments(captured: CapturedModel, segments: Sequence[Segment], directory: str | os.PathLike) -> ShippedSegments:
@@ -80,8 +86,9 @@ def ship_segments(captured: CapturedModel, segments: Sequence[Segment], director
     weights = _weights(captured.graph_module) | _weights(captured._signature_model)
     for segment in segments:
         path = Path(directory) / f"segment{segment.index}.pt"
-        with _shipping(weights - _weights(segment.module)), open(path, "wb") as file:
-            pickle.dump(captured, file, protocol=pickle.HIGHEST_PROTOCOL)
+        with _shipping(weights - _weights(segment.module)):
+            _, (graph, tensors) = reduce_captured(captured)
+            torch.save({"graph": graph, "tensors": tensors}, path)
     return ShippedSegments(str(directory), len(segments))
 
 

@@ -278,7 +278,7 @@ def test_run_on_two_processes_matches_the_reference(unet_captured, tmp_path):
     total = sum(p.numel() * p.element_size() for p in unet_captured.graph_module.parameters())
     kept = report["meta"]["param_bytes_per_rank"]
     assert len(kept) == 2 and all(0 < k < total for k in kept)  # each rank keeps its segment only
-    assert len(report["meta"]["peak_rss_per_rank"]) == 2 and all(report["meta"]["rss_after_setup_per_rank"])
+    assert len(report["meta"]["peak_rss_per_rank"]) == 2 and all(report["meta"]["rss_after_run_per_rank"])
 
     actual = np.asarray(Image.open(tmp_path / "async" / "image-0.png"), dtype=np.int16)
     assert np.abs(actual - _reference_image(unet_captured, plan_path)).max() <= 1

@@ -98,7 +98,7 @@ def main() -> None:
         return ", ".join(format_bytes(b) for b in meta.get(f"{key}_per_rank", []))
 
     print(f"parameters held per rank: {listed('param_bytes')} vs a full replica {format_bytes(full_params)}")
-    print(f"resident memory per rank after set-up: {listed('rss_after_setup')}; peak: {listed('peak_rss')} "
+    print(f"resident memory per rank after the run: {listed('rss_after_run')}; peak: {listed('peak_rss')} "
           f"vs the sequential process's peak {format_bytes(runs['sequential'][-1]['meta']['peak_rss_per_rank'][0])}")
     print(f"(work files in {work})")
 
