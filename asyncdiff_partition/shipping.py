@@ -67,11 +67,15 @@ class ShippedSegments:
         """The capture with ``segment``'s weights real and every other weight a stand-in.
 
         The weights are mapped from the file, not read into a buffer and copied: loading
-        never holds them twice.
+        never holds them twice. They are read once here, so that they are resident before
+        the first step rather than paged in by it.
         """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch.load on a file we wrote ourselves
             shipped = torch.load(self.path(segment), mmap=True, weights_only=False)
+        for tensor in shipped["tensors"]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() and not is_stand_in(tensor):
+                tensor.detach().max()  # touch every page
         return _restore_captured(shipped["graph"], shipped["tensors"])
 
 
