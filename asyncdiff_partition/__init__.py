@@ -14,6 +14,7 @@ one module per stage:
     schedule   (schedule.py)   the asynchronous schedule, and its single-process reference
     run        (runtime.py)    the schedule on N ranks (comm.py talks to torch.distributed)
     pipeline   (pipeline.py)   diffusers pipelines and custom loops driving it
+    evaluate   (evaluate.py)   fidelity of asynchronous vs sequential samples (metrics.py)
 
 Example::
 
@@ -25,9 +26,13 @@ Example::
 
 from .api import capture_spec, inspect_model, load_denoiser
 from .capture import CapturedModel, CaptureError, InputSpec, capture_model
+from .class_pipeline import ClassGuidedPipeline
+from .digits import load_digits_model
 from .fx_adapter import build_op_graph
 from .graph import Crossing, CutTable, GraphError, OpGraph
+from .evaluate import EvalResult, evaluate
 from .files import FileFormatError
+from .metrics import frechet_distance, psnr, ssim
 from .partition import Partition, PartitionError, PartitionProblem, balance_segments, evaluate_boundaries
 from .plan import Plan, PlanError, SegmentPlan, format_plan, ideal_speedup, make_plan
 from .profile import Profile, ProfileError, profile_model
@@ -100,4 +105,11 @@ __all__ = [
     "load_denoiser",
     "load_model",
     "summarize",
+    "ClassGuidedPipeline",
+    "load_digits_model",
+    "EvalResult",
+    "evaluate",
+    "frechet_distance",
+    "psnr",
+    "ssim",
 ]

@@ -1,9 +1,11 @@
 """Model zoo: diffusers denoisers built offline from configs, with example inputs.
 
-Every model is built from a config dict written out below, with random weights: nothing is
-downloaded. The tiny models keep their family's real structure (several resolution levels,
-cross-attention where the family has it) at a size that runs in milliseconds on one CPU core;
-the full-size ones reproduce the published checkpoints' architectures for benchmarks.
+``digits``, the default, is a trained class-conditional UNet whose weights ship inside the
+package (:mod:`asyncdiff_partition.digits`). Every other model is built from a config dict
+written out below, with random weights: nothing is downloaded. The tiny models keep their
+family's real structure (several resolution levels, cross-attention where the family has it)
+at a size that runs in milliseconds on one CPU core; the full-size ones reproduce the
+published checkpoints' architectures for benchmarks.
 
     model = build_model("tiny-unet2d-condition")
     inputs = example_inputs(model, batch=2)
@@ -92,9 +94,10 @@ _CONFIGS: dict[str, tuple[str, Config]] = {
     )),
 }
 
+TRAINED_MODELS: tuple[str, ...] = ("digits",)  # shipped weights, loaded by digits.load_digits_model
 TINY_MODELS: tuple[str, ...] = tuple(n for n in _CONFIGS if n.startswith("tiny-"))
 FULL_MODELS: tuple[str, ...] = tuple(n for n in _CONFIGS if not n.startswith("tiny-"))
-DEFAULT_MODEL = "tiny-unet2d-condition"
+DEFAULT_MODEL = "digits"
 
 TEXT_TOKENS = 77  # CLIP's context length: the encoder_hidden_states length SD pipelines use
 SDXL_TIME_IDS = 6  # (orig h, orig w, crop top, crop left, target h, target w)
@@ -126,15 +129,15 @@ class UnknownModelError(ValueError):
 
 
 def list_models() -> list[str]:
-    """All zoo names, tiny models first."""
-    return list(_CONFIGS)
+    """All zoo names: the trained model first, then the tiny ones, then the full-size ones."""
+    return [*TRAINED_MODELS, *_CONFIGS]
 
 
 def _unknown(name: str) -> UnknownModelError:
-    close = difflib.get_close_matches(name, _CONFIGS, n=1)
+    close = difflib.get_close_matches(name, list_models(), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownModelError(
-        f"unknown model {name!r}; known zoo names: {', '.join(_CONFIGS)}.{hint} "
+        f"unknown model {name!r}; known zoo names: {', '.join(list_models())}.{hint} "
         "A local diffusers model or pipeline directory also works."
     )
 
@@ -142,9 +145,15 @@ def _unknown(name: str) -> UnknownModelError:
 def build_model(name: str, *, seed: int = 0) -> torch.nn.Module:
     """Build a zoo model with random weights (seeded), in eval mode and float32.
 
+    A trained model (``digits``) is loaded with its shipped weights instead; ``seed`` is unused.
+
     Raises:
         UnknownModelError: ``name`` is not in :func:`list_models`.
     """
+    if name in TRAINED_MODELS:
+        from .digits import load_digits_model
+
+        return load_digits_model()
     if name not in _CONFIGS:
         raise _unknown(name)
     import diffusers
@@ -170,14 +179,14 @@ def load_model(spec: str, *, seed: int = 0) -> torch.nn.Module:
         UnknownModelError: ``spec`` is neither a zoo name nor a path.
         ValueError: the path is missing or holds no loadable model.
     """
-    if spec in _CONFIGS:
+    if spec in _CONFIGS or spec in TRAINED_MODELS:
         return build_model(spec, seed=seed)
     path = Path(spec).expanduser()
     if not path.exists():
         if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
             raise ValueError(
                 f"model directory {spec!r} does not exist; pass a zoo name "
-                f"({', '.join(_CONFIGS)}) or a local diffusers model or pipeline directory "
+                f"({', '.join(list_models())}) or a local diffusers model or pipeline directory "
                 "(hub ids are not downloaded)"
             )
         raise _unknown(spec)

@@ -70,7 +70,8 @@ def models() -> None:
     from asyncdiff_partition import zoo
 
     for name in zoo.list_models():
-        tag = "tiny (tests, demo)" if name in zoo.TINY_MODELS else "full size (benchmarks)"
+        tag = ("trained, weights shipped (demo)" if name in zoo.TRAINED_MODELS
+               else "tiny, random weights (tests)" if name in zoo.TINY_MODELS else "full size (benchmarks)")
         default = "  [default]" if name == zoo.DEFAULT_MODEL else ""
         click.echo(f"{name:<24} {tag}{default}")
 
@@ -100,11 +101,16 @@ def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool)
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs; each node's cost is their median.")
+@click.option("--latent", default=None, metavar="NAME",
+              help="ONNX models: the latent input (default: sample, latent, hidden_states, x, ...).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Profile file to write (default: MODEL.DEVICE-Nt.profile.json).")
 @user_errors
-def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, out_path) -> None:
-    """Measure the cost of every node of a model on a device and save a profile file."""
+def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path) -> None:
+    """Measure the cost of every node of a model on a device and save a profile file.
+
+    --model also takes an .onnx file: it is profiled by onnxruntime's own profiler, and --batch /
+    --size then only fill its symbolic dimensions."""
     import shlex
     from pathlib import Path
 
@@ -115,8 +121,16 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, o
 
     torch.set_num_threads(profile_threads)
     command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
-    result = profile_spec(model_spec, batch=batch, sample_size=size, device=device, warmup=warmup,
-                          repeats=repeats, progress=True, command=command)
+    from asyncdiff_partition.onnx_graph import is_onnx_path
+
+    if is_onnx_path(model_spec):
+        from asyncdiff_partition.onnx_profile import profile_onnx
+
+        result = profile_onnx(model_spec, device=device, threads=profile_threads, warmup=warmup, repeats=repeats,
+                              command=command, batch=batch, size=size, latent=latent)
+    else:
+        result = profile_spec(model_spec, batch=batch, sample_size=size, device=device, warmup=warmup,
+                              repeats=repeats, progress=True, command=command)
     name = Path(result.model).name or "model"
     out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t.profile.json")
     result.save(out)
@@ -156,7 +170,7 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
               help="Also show AsyncDiff's hand split of the SD 2.1 UNet at the same N.")
 @click.option("--measure", is_flag=True,
               help="Also run every segment alone on this machine and show measured vs predicted ms.")
-@click.option("--model", "model_spec", default=None, metavar="NAME|DIR",
+@click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
               help="With --measure: where to load the profiled model from (default: the profile's name).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @user_errors
@@ -174,6 +188,10 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
     result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
     result.save(out_path)
     hand_plan = compare_asyncdiff(loaded, n_devices, **options) if compare else None
+    from asyncdiff_partition.onnx_graph import is_onnx_path
+
+    if measure and is_onnx_path(model_spec or loaded.model):  # segments run by onnxruntime
+        from asyncdiff_partition.onnx_segments import measure_onnx_plan as measure_plan
     measured = measure_plan(loaded, result, model_spec=model_spec) if measure else None
     click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)",
                            measured=measured))
@@ -185,8 +203,8 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
 
 
 @main.command()
-@click.option("--model", "model_spec", default=None, metavar="NAME|DIR",
-              help="Zoo name or local diffusers model/pipeline directory (default: the plan's model).")
+@click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
+              help="Zoo name, local diffusers model/pipeline directory or .onnx file (default: the plan's model).")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
               help="Plan file from `asyncdiff-partition plan`.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps T (default: the plan's).")
@@ -209,7 +227,10 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
 @user_errors
 def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
         timeout_s) -> None:
-    """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously."""
+    """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
+
+    An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
+    from asyncdiff_partition.onnx_run import is_onnx_run, run_onnx_plan
     from asyncdiff_partition.pipeline import RunConfig, run_plan
     from asyncdiff_partition.report import format_run
 
@@ -217,28 +238,87 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
                        stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
                        trace=trace_path, reference=reference, nproc=nproc,
                        threads=ctx.parent.params.get("threads"), timeout_s=timeout_s)
-    result = run_plan(config)
+    result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
     if result["report"] is None:  # a rank other than 0 of an outside launch
         return
     click.echo(format_run(result["summary"], wall_s=result["wall_s"]))
-    for image in result["images"]:
+    for image in result["images"] + ([result["latent"]] if result.get("latent") else []):
         click.echo(f"wrote {image}")
     click.echo(f"wrote {result['report']}")
     if result["trace"]:
         click.echo(f"wrote {result['trace']}")
 
 
+@main.command("export-onnx")
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
+              help="Plan file from `asyncdiff-partition plan`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for segment<k>.onnx and segments.json.")
+@click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
+              help="Where to load the planned model from (default: the plan's model).")
+@click.option("--opset", type=click.IntRange(min=14), default=17, show_default=True,
+              help="ONNX opset for torch.onnx.export.")
+@user_errors
+def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
+    """Write one ONNX model per segment of a plan, each checked against its segment on the example inputs."""
+    from asyncdiff_partition.onnx_export import MANIFEST, export_plan_onnx
+
+    manifest = export_plan_onnx(plan_path, out_dir, model_spec=model_spec, opset=opset)
+    for s in manifest["segments"]:
+        click.echo(f"segment {s['index']}: {s['file']}, {len(s['inputs']) + len(s['receives'])} inputs, "
+                   f"{len(s['outputs'])} outputs, by {s['exporter']}; max abs error vs its source "
+                   f"{s['max_abs_error']:.2e}")
+    click.echo(f"wrote {os.path.join(out_dir, MANIFEST)}")
+
+
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/demo", show_default=True,
               help="Folder for the demo's profile, plan, images and reports.")
-@click.option("--steps", type=click.IntRange(min=2), default=10, show_default=True, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(min=2), default=20, show_default=True, help="Denoising steps.")
 @user_errors
 def demo(out_dir: str, steps: int) -> None:
-    """The main job on the default model: capture, profile, plan for 2 devices, run it async on 2
-    processes beside the sequential model."""
+    """The main job on the bundled digits model: capture, profile, plan for 2 devices, run it async
+    on 2 processes beside the sequential model; writes comparison.png and prints speedup and fidelity."""
     from asyncdiff_partition.api import run_demo
 
     run_demo(out_dir, steps=steps, echo=click.echo)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated integers like 1,2; got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} expects comma-separated integers like 1,2; got {text!r}")
+    return values
+
+
+@main.command("eval")
+@model_option
+@click.option("--devices", default="2,3,4", show_default=True, help="Values of N, comma-separated.")
+@click.option("--stride", default="1,2", show_default=True, help="Values of S (1 and/or 2).")
+@click.option("--warmup", default="0,1,3,5", show_default=True, help="Values of W, comma-separated.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps T.")
+@click.option("--images", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Samples per class (class-conditional models), else samples in all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, conditioning and noise.")
+@click.option("--guidance", type=float, default=2.0, show_default=True,
+              help="Classifier-free guidance for class-conditional models (<= 1: none).")
+@click.option("--no-hand-split", is_flag=True, help="Leave out the block-boundary hand split.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
+              help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
+@user_errors
+def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, out_dir) -> None:
+    """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
+    (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
+    from asyncdiff_partition.evaluate import evaluate
+
+    result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
+                      warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,
+                      guidance=guidance, hand_split=not no_hand_split, out_dir=out_dir, echo=click.echo)
+    click.echo("")
+    click.echo(result.markdown)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -184,17 +184,26 @@ def test_plan_measure_refuses_another_model(run, profile_file, tmp_path):
     assert result.exit_code == 1 and "fingerprint" in result.output
 
 
-def test_demo_writes_a_profile_and_a_plan(run, tmp_path):
+def test_demo_writes_a_profile_a_plan_and_the_comparison(run, tmp_path):
+    from PIL import Image
+
     from asyncdiff_partition.plan import Plan
     from asyncdiff_partition.profile import Profile
 
-    result = run("demo", "--out", str(tmp_path / "demo"), "--steps", "4")
+    out = tmp_path / "demo"
+    result = run("demo", "--out", str(out), "--steps", "4")
     assert result.exit_code == 0, result.output
     assert "plan for 2 devices" in result.output and "cheapest cut points" in result.output
-    profile = Profile.load(tmp_path / "demo" / f"{zoo.DEFAULT_MODEL}.cpu-1t.profile.json")
-    plan = Plan.load(tmp_path / "demo" / "plan-2.json", fingerprint=profile.fingerprint)
+    profile = Profile.load(out / "digits.cpu-1t.profile.json")
+    assert next(i for i in profile.inputs if i["latent"])["shape"] == [20, 1, 16, 16]  # 10 digits, cond + uncond
+    plan = Plan.load(out / "plan-2.json", fingerprint=profile.fingerprint)
     assert plan.n_devices == 2 and len(plan.segments) == 2
     for run_dir in ("sequential", "async"):
-        assert (tmp_path / "demo" / run_dir / "image-0.png").is_file()
-        assert (tmp_path / "demo" / run_dir / "report.json").is_file()
-    assert "speedup of the denoising loop" in result.output and "PSNR" in result.output
+        assert sorted(p.name for p in (out / run_dir).glob("image-*.png")) == sorted(f"image-{i}.png" for i in range(10))
+        assert (out / run_dir / "report.json").is_file()
+    with Image.open(out / "comparison.png") as sheet:
+        assert sheet.width >= 10 * 16 * 4 and sheet.height >= 2 * 16 * 4
+    lines = result.output.splitlines()
+    assert any(l.startswith("asynchronous, 2 processes") and l.count("x") >= 3 for l in lines)
+    assert any(l.startswith("PSNR dB") for l in lines) and any(l.startswith("SSIM") for l in lines)
+    assert f"wrote {out / 'comparison.png'}" in result.output

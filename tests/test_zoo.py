@@ -13,6 +13,7 @@ from asyncdiff_partition.zoo import (
     DEFAULT_MODEL,
     FULL_MODELS,
     TINY_MODELS,
+    TRAINED_MODELS,
     ModelInputs,
     UnknownModelError,
     build_model,
@@ -43,10 +44,10 @@ def expected_out_shape(model: torch.nn.Module, latent: torch.Tensor) -> tuple[in
 
 
 def test_names() -> None:
-    assert list_models() == [*TINY_MODELS, *FULL_MODELS]
+    assert list_models() == [*TRAINED_MODELS, *TINY_MODELS, *FULL_MODELS]
     assert set(TINY_MODELS) == {"tiny-unet2d-condition", "tiny-unet2d", "tiny-dit", "tiny-sd3", "tiny-svd"}
     assert set(FULL_MODELS) == {"sd15-unet", "sd21-unet", "sdxl-unet"}
-    assert DEFAULT_MODEL in TINY_MODELS
+    assert TRAINED_MODELS == ("digits",) and DEFAULT_MODEL == "digits"  # shipped weights: tests/test_digits.py
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -152,14 +153,14 @@ def test_load_model_by_name() -> None:
 
 
 def test_load_model_folder(tmp_path) -> None:
-    model = tiny(DEFAULT_MODEL)
+    model = tiny("tiny-unet2d-condition")
     model.save_pretrained(tmp_path / "model")
     loaded = load_model(str(tmp_path / "model"))
     assert not loaded.training
     assert_same_model(model, loaded)
 
 
-@pytest.mark.parametrize("name,sub", [(DEFAULT_MODEL, "unet"), ("tiny-dit", "transformer")])
+@pytest.mark.parametrize("name,sub", [("tiny-unet2d-condition", "unet"), ("tiny-dit", "transformer")])
 def test_load_pipeline_folder(tmp_path, name: str, sub: str) -> None:
     model = tiny(name)
     pipe = tmp_path / "pipe"
