@@ -229,7 +229,10 @@ class AsyncDenoiser:
     :meth:`reset`.
 
     Args:
-        captured: the model captured on this rank (same model and shapes as the plan's).
+        captured: the model captured on this rank (same model and shapes as the plan's); or a
+            model of another framework with ``inputs``, ``latent`` and ``split_for_plan(plan,
+            world_size, stride) -> (op graph, segments, value layouts)``, which checks the plan
+            and brings its own segments (:class:`~asyncdiff_partition.onnx_segments.OnnxCapture`).
         plan: the plan; its boundaries, N, and by default its stride and warm-up.
         warmup: W exact warm-up steps (default ``plan.warmup``).
         stride: 1 or 2 (default ``plan.stride``); the world size must be N + stride - 1.
@@ -263,9 +266,12 @@ class AsyncDenoiser:
         self._latent = captured.latent.name
         make_schedule(self.n_segments, 0, warmup=self.warmup, stride=self.stride)  # validates
         check_timestep_input(timestep_input, self._input_names, stride=self.stride, time_shift=time_shift)
-        graph = _checked_graph(captured, plan, self.world_size, self.stride)
-
-        segments = split_graph(captured, graph, plan.boundaries)
+        ready = getattr(captured, "split_for_plan", None)  # ready-made segments (onnx_segments.OnnxCapture)
+        if ready is not None:
+            graph, segments, layouts = ready(plan, self.world_size, self.stride)
+        else:
+            graph = _checked_graph(captured, plan, self.world_size, self.stride)
+            segments, layouts = split_graph(captured, graph, plan.boundaries), None
         position = graph.index
         self._producer = {v: s.index for s in segments for v in s.outputs if v != OUTPUT}
         self._consumers = {v: {s.index for s in segments if v in s.receives} for v in self._producer}
@@ -274,7 +280,7 @@ class AsyncDenoiser:
         del segments, graph  # this object keeps nothing else of captured (see the class docstring)
         segment.module.to(self.device)
         self._segment = segment
-        self._layouts = _value_layouts(captured, [*segment.receives, OUTPUT])
+        self._layouts = layouts if layouts is not None else _value_layouts(captured, [*segment.receives, OUTPUT])
         self._run: SamplingRun | None = None
         self._clock = time.time() - time.perf_counter()  # perf_counter -> seconds since the epoch
         self._reset_state()
