@@ -102,6 +102,8 @@ def run_onnx_plan(config: RunConfig) -> dict[str, Any]:
 
     plan = Plan.load(config.plan)
     config = replace(config, model=config.model or plan.model)
+    if config.guidance is None:
+        config = replace(config, guidance=5.0)  # as run's default for models other than the bundled one
     steps = config.steps if config.steps is not None else plan.steps
     warmup = config.warmup if config.warmup is not None else plan.warmup
     stride = config.stride if config.stride is not None else plan.stride

@@ -641,7 +641,7 @@ class RunConfig:
     warmup: int | None = None
     stride: int | None = None
     seed: int = 0
-    guidance: float = 5.0
+    guidance: float | None = None  # None: the model's own (see default_guidance)
     out_dir: str = "run"
     trace: str | None = None
     reference: bool = False
@@ -816,6 +816,13 @@ def _sample(config: RunConfig, built: BuiltPipeline, denoiser: Any, *, rank: int
             "threads": torch.get_num_threads(), "device": str(built.pipe.device)}
 
 
+def default_guidance(spec: str) -> float:
+    """The guidance scale ``run`` uses when none is given: the bundled digits model's own, else 5."""
+    from .digits import GUIDANCE
+
+    return GUIDANCE if spec in zoo.TRAINED_MODELS else 5.0
+
+
 def run_plan(config: RunConfig) -> dict[str, Any]:
     """``asyncdiff-partition run``: check the plan, sample on its ranks, write images and report.
 
@@ -840,6 +847,8 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
 
     plan = Plan.load(config.plan)
     config = replace(config, model=config.model or plan.model)
+    if config.guidance is None:
+        config = replace(config, guidance=default_guidance(config.model))
     steps, warmup, stride, world = _settings(config, plan)
     if not config.reference and config.nproc is not None and config.nproc != world:
         raise ValueError(

@@ -211,8 +211,9 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps W (default: the plan's).")
 @click.option("--stride", type=click.Choice(["1", "2"]), default=None, help="Stride S (default: the plan's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, conditioning and noise.")
-@click.option("--guidance", type=float, default=5.0, show_default=True,
-              help="Classifier-free guidance scale (<= 1: none; conditional models only).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale (<= 1: none; conditional models only). "
+              "Default: 2 for the bundled digits model, 5 otherwise.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="run", show_default=True,
               help="Directory for the images and report.json.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
