@@ -12,8 +12,11 @@ one module per stage:
     plan       (plan.py)       the saved result
     split      (split.py)      one fx.GraphModule per segment
     schedule   (schedule.py)   the asynchronous schedule, and its single-process reference
-    run        (runtime.py)    the schedule on N ranks (comm.py talks to torch.distributed)
-    pipeline   (pipeline.py)   diffusers pipelines and custom loops driving it
+    run        (runtime.py)    the schedule on N ranks (comm.py talks to torch.distributed,
+                               launch.py starts the ranks, shipping.py sends each its weights)
+    pipeline   (pipeline.py)   diffusers pipelines and custom loops driving it (offline
+                               pipelines: offline_pipelines.py; the run command: runner.py)
+    onnx       (onnx_*.py)     .onnx models through the same graph, plan and runtime
     evaluate   (evaluate.py)   fidelity of asynchronous vs sequential samples (metrics.py)
 
 Example::
@@ -36,7 +39,9 @@ from .metrics import frechet_distance, psnr, ssim
 from .partition import Partition, PartitionError, PartitionProblem, balance_segments, evaluate_boundaries
 from .plan import Plan, PlanError, SegmentPlan, format_plan, ideal_speedup, make_plan
 from .profile import Profile, ProfileError, profile_model
-from .pipeline import ScheduledDenoiser, build_pipeline, denoise, run_plan, unwrap_pipeline, wrap_pipeline
+from .offline_pipelines import build_pipeline
+from .pipeline import ScheduledDenoiser, denoise, unwrap_pipeline, wrap_pipeline
+from .runner import run_plan
 from .report import summarise, write_report, write_trace
 from .launch import LaunchError, is_launched_externally, launch
 from .runtime import AsyncDenoiser, check_plan

@@ -156,7 +156,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 20, guidance: flo
 
     from .digits import NUM_CLASSES
     from .metrics import psnr, ssim
-    from .pipeline import RunConfig, run_plan
+    from .runner import RunConfig, run_plan
     from .plan import format_plan, ideal_speedup
     from .summary import format_bytes, format_summary
 

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 60.0
-TIMEOUT_ENV = "ASYNCDIFF_TIMEOUT_S"  # set by runtime.launch for its workers
+TIMEOUT_ENV = "ASYNCDIFF_TIMEOUT_S"  # set by launch.launch for its workers
 
 _state: dict[str, Any] = {}
 
@@ -75,7 +75,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> tuple[in
     if missing:
         raise RuntimeError(
             f"comm.init needs {missing} in the environment; start the workers with torchrun or "
-            f"asyncdiff_partition.runtime.launch"
+            f"asyncdiff_partition.launch.launch"
         )
     if timeout_s is None:
         timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))

@@ -118,7 +118,7 @@ def load_exported(out_dir: str | Path, *, threads: int = 1, optimization: str = 
 def _torch_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Segment], list[list[Any]]]:
     from .api import capture_spec
     from .fx_adapter import build_op_graph
-    from .pipeline import plan_input_shapes
+    from .runner import plan_input_shapes
     from .runtime import check_plan
     from .split import split_graph
 
@@ -134,7 +134,7 @@ def _onnx_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[S
     from .onnx_graph import load_onnx
     from .onnx_profile import example_feed
     from .onnx_segments import check_onnx_plan, split_onnx
-    from .pipeline import plan_input_shapes
+    from .runner import plan_input_shapes
 
     shapes = plan_input_shapes(plan, plan_path) or []
     model = load_onnx(spec, input_shapes={s["name"]: s["shape"] for s in shapes},

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .onnx_graph import OnnxModel, is_onnx_path, load_onnx
 from .onnx_segments import OnnxCapture, check_onnx_plan, split_onnx
-from .pipeline import RunConfig, denoise, plan_input_shapes
+from .pipeline import denoise
+from .runner import RunConfig, plan_input_shapes
 from .plan import Plan, ideal_speedup
 
 __all__ = ["is_onnx_run", "load_for_plan", "run_onnx_plan", "sample"]

@@ -47,7 +47,7 @@ __all__ = ["ShippedSegments", "is_stand_in", "ship_segments"]
 # but only its segment's weights. Other weights ship as a one-element tensor expanded to the
 # weight's shape and dtype: a real CPU tensor that ops accept (values are meaningless, shapes
 # right) and that costs one element of memory. Everything that is not the segment's is
-# released after set-up (pipeline.release_weights); a stand-in must never reach compute that
+# released after set-up (runner.release_weights); a stand-in must never reach compute that
 # matters, and is_stand_in lets code check.
 
 _replace: set[int] = set()  # ids of the weights to ship as stand-ins (see _shipping)

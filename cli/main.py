@@ -232,7 +232,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 
     An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
     from asyncdiff_partition.onnx_run import is_onnx_run, run_onnx_plan
-    from asyncdiff_partition.pipeline import RunConfig, run_plan
+    from asyncdiff_partition.runner import RunConfig, run_plan
     from asyncdiff_partition.report import format_run
 
     config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,

@@ -98,7 +98,7 @@ def test_class_pipeline_one_image_per_label() -> None:
 
 
 def test_build_pipeline_samples_every_digit_in_order() -> None:
-    from asyncdiff_partition.pipeline import build_pipeline
+    from asyncdiff_partition.offline_pipelines import build_pipeline
 
     built = build_pipeline("digits")
     assert built.kind == "class" and isinstance(built.pipe, ClassGuidedPipeline)

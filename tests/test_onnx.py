@@ -22,7 +22,7 @@ from asyncdiff_partition.onnx_graph import OnnxModelError, load_onnx
 from asyncdiff_partition.onnx_profile import example_feed, make_session, node_costs, profile_onnx
 from asyncdiff_partition.onnx_run import run_onnx_plan, sample
 from asyncdiff_partition.onnx_segments import OnnxCapture, split_onnx
-from asyncdiff_partition.pipeline import RunConfig
+from asyncdiff_partition.runner import RunConfig
 from asyncdiff_partition.plan import Plan, PlanError, make_plan, module_boundaries
 from asyncdiff_partition.profile import Profile, fingerprint
 from asyncdiff_partition.schedule import ReferenceSchedule

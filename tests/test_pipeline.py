@@ -14,34 +14,13 @@ from PIL import Image
 from asyncdiff_partition.capture import capture_model
 from asyncdiff_partition.cli.main import main
 from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.pipeline import (
-    RunConfig,
-    ScheduledDenoiser,
-    build_pipeline,
-    denoise,
-    fit_inputs,
-    plan_input_shapes,
-    unwrap_pipeline,
-    wrap_pipeline,
-)
+from asyncdiff_partition.offline_pipelines import build_pipeline
+from asyncdiff_partition.pipeline import ScheduledDenoiser, denoise, fit_inputs, unwrap_pipeline, wrap_pipeline
 from asyncdiff_partition.plan import make_plan, module_boundaries
 from asyncdiff_partition.report import load_report
-from asyncdiff_partition.split import run_segments, split_graph
-
-try:
-    from asyncdiff_partition.schedule import ReferenceSchedule
-except ImportError:  # the schedule module is written in parallel: a stand-in, exact for W >= T only
-
-    class ReferenceSchedule:  # type: ignore[no-redef]
-        def __init__(self, segments, *, warmup, stride=1, time_shift=False, timestep_input="timestep"):
-            self.segments = segments
-
-        def reset(self, timesteps):
-            pass
-
-        def __call__(self, inputs):
-            return run_segments(self.segments, inputs)
-
+from asyncdiff_partition.runner import RunConfig, plan_input_shapes
+from asyncdiff_partition.schedule import ReferenceSchedule
+from asyncdiff_partition.split import split_graph
 
 STEPS = 3
 CUT = {"tiny-unet2d-condition": "up_blocks.1", "tiny-dit": "transformer_blocks.3", "tiny-unet2d": "up_blocks.1"}
