@@ -239,6 +239,9 @@ class AsyncDenoiser:
         time_shift: condition async steps on the previous step's timestep.
         timestep_input: name of the timestep placeholder.
         timeout_s: bound on every wait for another rank (default: the process group's).
+        warm_up: run this rank's segment once at set-up on the capture's example inputs (zeros
+            for received values), so that the first step does not pay for first-time
+            allocations (0.3-0.4 s per rank for SD 1.5 on CPU).
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -256,6 +259,7 @@ class AsyncDenoiser:
         time_shift: bool = False,
         timestep_input: str = "timestep",
         timeout_s: float | None = None,
+        warm_up: bool = True,
     ):
         self.rank, self.world_size, self.device = comm.rank(), comm.world_size(), comm.device()
         self.n_segments = plan.n_devices
@@ -281,9 +285,21 @@ class AsyncDenoiser:
         segment.module.to(self.device)
         self._segment = segment
         self._layouts = layouts if layouts is not None else _value_layouts(captured, [*segment.receives, OUTPUT])
+        example = getattr(captured, "example", None)
+        if warm_up and example:
+            self._warm_up({spec.name: t for spec, t in zip(captured.inputs, example)})
         self._run: SamplingRun | None = None
         self._clock = time.time() - time.perf_counter()  # perf_counter -> seconds since the epoch
         self._reset_state()
+
+    def _warm_up(self, example: Mapping[str, Tensor]) -> None:
+        segment = self._segment
+        args = [example[name].to(self.device) for name in segment.inputs]
+        for name in segment.receives:
+            layout = self._layouts[name]
+            args.append(layout.build([t.zero_() for t in layout.empty(self.device)]))
+        with torch.no_grad():
+            segment.module(*args)
 
     # --- StepDenoiser --------------------------------------------------------------------
 

