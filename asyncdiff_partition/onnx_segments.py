@@ -20,8 +20,6 @@ they run a torch segment. A value of an ONNX node with several used outputs is a
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -260,22 +258,11 @@ def time_onnx_segments(model: OnnxModel, boundaries: Sequence[int], *, warmup: i
     """Median ms of each segment run alone on its real inputs (``plan --measure``)."""
     from .onnx_profile import example_feed
 
+    from .profile import time_each_segment
+
     segments = split_onnx(model, boundaries, threads=threads, optimization=optimization)
     feed = {k: torch.from_numpy(v) for k, v in example_feed(model, seed).items()}
-    values: dict[str, Any] = {}
-    medians = []
-    for segment in segments:
-        args = [feed[n] for n in segment.inputs] + [values[n] for n in segment.receives]
-        for _ in range(warmup):
-            segment.module(*args)
-        samples = []
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            out = segment.module(*args)
-            samples.append((time.perf_counter() - begin) * 1e3)
-        values.update(zip(segment.outputs, out))
-        medians.append(statistics.median(samples))
-    return medians
+    return time_each_segment(segments, feed, warmup=warmup, repeats=repeats)
 
 
 def measure_onnx_plan(profile: Any, plan: Plan, *, model_spec: str | None = None, repeats: int = 3) -> list[float]:

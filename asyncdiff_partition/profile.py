@@ -25,7 +25,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,18 +323,24 @@ def time_segments(
 
     segments = split_graph(captured, build_op_graph(captured), boundaries)
     inputs = dict(zip((s.name for s in captured.inputs), captured.example))
+    with torch.no_grad():
+        return time_each_segment(segments, inputs, warmup=warmup, repeats=repeats)
+
+
+def time_each_segment(segments: Sequence[Any], inputs: Mapping[str, Any], *, warmup: int = 1,
+                      repeats: int = 5) -> list[float]:
+    """Median ms of each segment (``split.Segment`` or alike) run alone, fed by the ones before it."""
     values: dict[str, Any] = {}
     medians = []
-    with torch.no_grad():
-        for segment in segments:
-            args = [inputs[n] for n in segment.inputs] + [values[n] for n in segment.receives]
-            for _ in range(warmup):
-                segment.module(*args)
-            samples = []
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                out = segment.module(*args)
-                samples.append((time.perf_counter() - begin) * 1e3)
-            values.update(zip(segment.outputs, out))
-            medians.append(statistics.median(samples))
+    for segment in segments:
+        args = [inputs[n] for n in segment.inputs] + [values[n] for n in segment.receives]
+        for _ in range(warmup):
+            segment.module(*args)
+        samples = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            out = segment.module(*args)
+            samples.append((time.perf_counter() - begin) * 1e3)
+        values.update(zip(segment.outputs, out))
+        medians.append(statistics.median(samples))
     return medians
