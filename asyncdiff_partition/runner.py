@@ -166,8 +166,6 @@ def run_worker(config: RunConfig, captured: CapturedModel | ShippedSegments | No
         del captured
         kept = release_weights(built.model, denoiser._segment.module)  # the only weights this rank needs
         result = _sample(config, built, denoiser, rank=rank, steps=steps, images=images)
-        # Resident after the run, not after set-up: the weights are mapped from a file and
-        # become resident as the first step touches them.
         return {**result, "param_bytes": kept, "rss_after_run": resident_bytes(), "peak_rss": peak_resident_bytes()}
     finally:
         comm.shutdown()
@@ -270,10 +268,11 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
             "steps": steps, "warmup": warmup, "guidance": config.guidance, "seed": config.seed, "images": images,
             "boundaries": plan.boundaries, "predicted": plan.predicted,
             "ideal_speedup": ideal_speedup(steps, warmup, plan.n_devices, stride)}
+    from .fx_adapter import build_op_graph
+    from .split import split_graph
+
     if config.reference:
-        from .fx_adapter import build_op_graph
         from .schedule import ReferenceSchedule
-        from .split import split_graph
 
         segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
         schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input="timestep")
@@ -281,10 +280,8 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
         results = {0: {**_sample(config, built, schedule, rank=0, steps=steps, images=images),
                        "peak_rss": peak_resident_bytes()}}
     else:
-        from .fx_adapter import build_op_graph
         from .launch import is_launched_externally, launch
         from .shipping import ship_segments
-        from .split import split_graph
 
         threads = config.threads or max(1, torch.get_num_threads() // world)
         worker_config = replace(config, threads=threads)

@@ -15,8 +15,7 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,9 +49,6 @@ __all__ = ["ShippedSegments", "is_stand_in", "ship_segments"]
 # released after set-up (runner.release_weights); a stand-in must never reach compute that
 # matters, and is_stand_in lets code check.
 
-_replace: set[int] = set()  # ids of the weights to ship as stand-ins (see _shipping)
-
-
 @dataclass(frozen=True)
 class ShippedSegments:
     """Where :func:`ship_segments` put one capture file per segment."""
@@ -84,13 +80,12 @@ def ship_segments(captured: CapturedModel, segments: Sequence[Segment], director
         segments: :func:`~asyncdiff_partition.split.split_graph`'s segments of it.
         directory: an existing folder; ``segment{i}.pt`` files are written there.
     """
+    shipped = ShippedSegments(str(directory), len(segments))
     weights = _weights(captured.graph_module) | _weights(captured._signature_model)
     for segment in segments:
-        path = Path(directory) / f"segment{segment.index}.pt"
-        with _shipping(weights - _weights(segment.module)):
-            _, (graph, tensors) = reduce_captured(captured)
-            torch.save({"graph": graph, "tensors": tensors}, path)
-    return ShippedSegments(str(directory), len(segments))
+        graph, tensors = _pack(captured, stand_ins=weights - _weights(segment.module))
+        torch.save({"graph": graph, "tensors": tensors}, shipped.path(segment.index))
+    return shipped
 
 
 def is_stand_in(tensor: torch.Tensor) -> bool:
@@ -111,16 +106,6 @@ def _weights(module: torch.nn.Module | None) -> set[int]:
     return found
 
 
-@contextmanager
-def _shipping(replace: set[int]) -> Iterator[None]:
-    global _replace
-    _replace = replace
-    try:
-        yield
-    finally:
-        _replace = set()
-
-
 def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, parameter: bool) -> torch.Tensor:
     t = torch.zeros((), dtype=dtype).expand(shape)
     return torch.nn.Parameter(t, requires_grad=False) if parameter else t
@@ -137,11 +122,17 @@ class _OpRef:
 
 
 def reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes, list[Any]]]:
-    """``CapturedModel.__reduce__``: see Note [pickling a captured model].
+    """``CapturedModel.__reduce__``: see Note [pickling a captured model]."""
+    return _restore_captured, _pack(captured)
+
+
+def _pack(captured: CapturedModel, stand_ins: frozenset[int] | set[int] = frozenset()) -> tuple[bytes, list[Any]]:
+    """(graph blob, tensors): the blob refers to the tensors by index (``_OpPickler``).
 
     The graph goes into a blob of its own pickler (operators by name); the tensors stay outside
     it, in a list the outer pickler writes one by one, so loading never holds a blob of all
-    the weights and the weights at once.
+    the weights and the weights at once. Tensors whose ids are in ``stand_ins`` become
+    stand-ins (Note [weight stand-ins]).
     """
     gm = captured.graph_module
     nodes = []
@@ -156,9 +147,9 @@ def reduce_captured(captured: CapturedModel) -> tuple[Any, tuple[bytes, list[Any
         "treespec": captured._treespec, "constants": captured._constants, "model": captured._signature_model,
     }
     buffer = io.BytesIO()
-    pickler = _OpPickler(buffer)
+    pickler = _OpPickler(buffer, stand_ins)
     pickler.dump(state)
-    return _restore_captured, (buffer.getvalue(), pickler.tensors)
+    return buffer.getvalue(), pickler.tensors
 
 
 def _restore_captured(blob: bytes, tensors: list[torch.Tensor]) -> CapturedModel:
@@ -196,19 +187,21 @@ def _restore_captured(blob: bytes, tensors: list[torch.Tensor]) -> CapturedModel
 
 
 class _OpPickler(pickle.Pickler):
-    """Operators by name; every tensor (parameters too) by index into :attr:`tensors`."""
+    """Operators by name; every tensor (parameters too) by index into :attr:`tensors`, the
+    ones in ``stand_ins`` (ids) as stand-ins."""
 
-    def __init__(self, file: io.BytesIO):
+    def __init__(self, file: io.BytesIO, stand_ins: frozenset[int] | set[int]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors: list[Any] = []
         self._index: dict[int, int] = {}
+        self._stand_ins = stand_ins
 
     def persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor):
             return None
         if id(obj) not in self._index:
             self._index[id(obj)] = len(self.tensors)
-            shipped = _StandIn(tuple(obj.shape), obj.dtype, isinstance(obj, torch.nn.Parameter)) if id(obj) in _replace else obj
+            shipped = _StandIn(tuple(obj.shape), obj.dtype, isinstance(obj, torch.nn.Parameter)) if id(obj) in self._stand_ins else obj
             self.tensors.append(shipped)
         return ("tensor", self._index[id(obj)])
 
