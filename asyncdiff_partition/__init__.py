@@ -2,119 +2,122 @@
 
 AsyncDiff (arXiv 2406.06911) cuts the noise-prediction network into N consecutive segments,
 one per device, and lets each segment use its upstream segment's output from the previous
-denoising step, so all segments compute at the same time. This package makes that general,
-one module per stage:
+denoising step, so all segments compute at the same time. This package makes that general.
 
-    capture    (capture.py)    any model -> one flat, verified torch.fx graph
-    graph      (graph.py)      framework-agnostic op graph, fresh values, cut analysis
-    profile    (profile.py)    per-node cost on the target device
-    partition  (partition.py)  exact min-max split into N contiguous segments
-    plan       (plan.py)       the saved result
-    split      (split.py)      one fx.GraphModule per segment
-    schedule   (schedule.py)   the asynchronous schedule, and its single-process reference
-    run        (runtime.py)    the schedule on N ranks (comm.py talks to torch.distributed,
-                               launch.py starts the ranks, shipping.py sends each its weights)
-    pipeline   (pipeline.py)   diffusers pipelines and custom loops driving it (offline
-                               pipelines: offline_pipelines.py; the run command: runner.py)
-    onnx       (onnx_*.py)     .onnx models through the same graph, plan and runtime
-    evaluate   (evaluate.py)   fidelity of asynchronous vs sequential samples (metrics.py)
+The stages, and the subpackage each lives in::
+
+    capture    fx/capture.py       any model -> one flat, verified torch.fx graph
+    graph      fx/opgraph.py       -> core/graph.py: framework-agnostic op graph, fresh values, cuts
+    profile    fx/profiler.py      per-node cost on the target device -> core/profile.py (the file)
+    partition  core/partition.py   exact min-max split into N contiguous segments (no torch)
+    plan       core/plan.py        the saved result, with predicted and ideal speedups
+    split      fx/split.py         one fx.GraphModule per segment
+    schedule   core/schedule.py    the asynchronous schedule as one table (no torch);
+               runtime/reference.py evaluates it in one process
+    run        runtime/            the schedule on N ranks: comm (the only torch.distributed
+                                   user), launch, denoiser (one rank), job (the `run` command)
+    pipelines  pipelines/          diffusers pipelines and plain loops driving the schedule; the zoo
+    onnx       onnx/               .onnx models through the same graph, plan and runtime
+    evaluation evaluation/         fidelity of asynchronous against sequential samples
+
+``asyncdiff_partition.core`` imports neither torch nor diffusers; this package's top level is
+lazy, so ``import asyncdiff_partition`` is cheap and each name loads its stage on first use.
 
 Example::
 
-    from asyncdiff_partition import capture_model, build_op_graph
+    from asyncdiff_partition import build_op_graph, capture_model
     captured = capture_model(unet, (latent, t), {"encoder_hidden_states": text})
     graph = build_op_graph(captured)
     graph.cheapest_cuts(3)
 """
 
-from .api import capture_spec, inspect_model, load_denoiser
-from .capture import CapturedModel, CaptureError, InputSpec, capture_model
-from .class_pipeline import ClassGuidedPipeline
-from .digits import load_digits_model
-from .fx_adapter import build_op_graph
-from .graph import Crossing, CutTable, GraphError, OpGraph
-from .evaluate import EvalResult, evaluate
-from .files import FileFormatError
-from .metrics import frechet_distance, psnr, ssim
-from .partition import Partition, PartitionError, PartitionProblem, balance_segments, evaluate_boundaries
-from .plan import Plan, PlanError, SegmentPlan, format_plan, ideal_speedup, make_plan
-from .profile import Profile, ProfileError, profile_model
-from .offline_pipelines import build_pipeline
-from .pipeline import ScheduledDenoiser, denoise, unwrap_pipeline, wrap_pipeline
-from .runner import run_plan
-from .report import summarise, write_report, write_trace
-from .launch import LaunchError, is_launched_externally, launch
-from .runtime import AsyncDenoiser, check_plan
-from .schedule import ReferenceSchedule, ScheduleError, StepDenoiser, make_schedule
-from .split import Segment, SplitError, run_segments, split_graph
-from .summary import ModelSummary, format_summary, summarize
-from .zoo import DEFAULT_MODEL, ModelInputs, UnknownModelError, build_model, example_inputs, list_models, load_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module that defines it (loaded on first access, see __getattr__)
+_EXPORTS = {
+    # capture and graph
+    "CapturedModel": "asyncdiff_partition.fx.capture",
+    "capture_model": "asyncdiff_partition.fx.capture",
+    "OpGraph": "asyncdiff_partition.core.graph",
+    "build_op_graph": "asyncdiff_partition.fx.opgraph",
+    # profile, partition, plan
+    "Profile": "asyncdiff_partition.core.profile",
+    "profile_model": "asyncdiff_partition.fx.profiler",
+    "balance_segments": "asyncdiff_partition.core.partition",
+    "Plan": "asyncdiff_partition.core.plan",
+    "make_plan": "asyncdiff_partition.core.plan",
+    # split and schedule
+    "split_graph": "asyncdiff_partition.fx.split",
+    "make_schedule": "asyncdiff_partition.core.schedule",
+    "ReferenceSchedule": "asyncdiff_partition.runtime.reference",
+    # run
+    "AsyncDenoiser": "asyncdiff_partition.runtime.denoiser",
+    "launch": "asyncdiff_partition.runtime.launch",
+    "run_plan": "asyncdiff_partition.runtime.job",
+    # pipelines and models
+    "denoise": "asyncdiff_partition.pipelines.wrap",
+    "wrap_pipeline": "asyncdiff_partition.pipelines.wrap",
+    "load_model": "asyncdiff_partition.pipelines.zoo",
+    # fidelity
+    "evaluate": "asyncdiff_partition.evaluation.evaluate",
+    # errors
+    "AsyncDiffError": "asyncdiff_partition.core.errors",
+}
 
 __all__ = [
     "AsyncDenoiser",
-    "LaunchError",
-    "ReferenceSchedule",
-    "ScheduleError",
-    "ScheduledDenoiser",
-    "StepDenoiser",
-    "build_pipeline",
-    "check_plan",
-    "denoise",
-    "is_launched_externally",
-    "launch",
-    "make_schedule",
-    "run_plan",
-    "summarise",
-    "unwrap_pipeline",
-    "wrap_pipeline",
-    "write_report",
-    "write_trace",
-    "DEFAULT_MODEL",
-    "FileFormatError",
-    "Partition",
-    "PartitionError",
-    "PartitionProblem",
-    "Plan",
-    "PlanError",
-    "Profile",
-    "ProfileError",
-    "Segment",
-    "SegmentPlan",
-    "SplitError",
+    "AsyncDiffError",
     "balance_segments",
-    "evaluate_boundaries",
-    "format_plan",
-    "ideal_speedup",
-    "make_plan",
-    "profile_model",
-    "run_segments",
-    "split_graph",
-    "CaptureError",
-    "CapturedModel",
-    "Crossing",
-    "CutTable",
-    "GraphError",
-    "InputSpec",
-    "ModelInputs",
-    "ModelSummary",
-    "OpGraph",
-    "UnknownModelError",
-    "build_model",
     "build_op_graph",
     "capture_model",
-    "capture_spec",
-    "example_inputs",
-    "format_summary",
-    "inspect_model",
-    "list_models",
-    "load_denoiser",
-    "load_model",
-    "summarize",
-    "ClassGuidedPipeline",
-    "load_digits_model",
-    "EvalResult",
+    "CapturedModel",
+    "denoise",
     "evaluate",
-    "frechet_distance",
-    "psnr",
-    "ssim",
+    "launch",
+    "load_model",
+    "make_plan",
+    "make_schedule",
+    "OpGraph",
+    "Plan",
+    "Profile",
+    "profile_model",
+    "ReferenceSchedule",
+    "run_plan",
+    "split_graph",
+    "wrap_pipeline",
 ]
+
+if TYPE_CHECKING:
+    from asyncdiff_partition.core.errors import AsyncDiffError
+    from asyncdiff_partition.core.graph import OpGraph
+    from asyncdiff_partition.core.partition import balance_segments
+    from asyncdiff_partition.core.plan import Plan, make_plan
+    from asyncdiff_partition.core.profile import Profile
+    from asyncdiff_partition.core.schedule import make_schedule
+    from asyncdiff_partition.evaluation.evaluate import evaluate
+    from asyncdiff_partition.fx.capture import CapturedModel, capture_model
+    from asyncdiff_partition.fx.opgraph import build_op_graph
+    from asyncdiff_partition.fx.profiler import profile_model
+    from asyncdiff_partition.fx.split import split_graph
+    from asyncdiff_partition.pipelines.wrap import denoise, wrap_pipeline
+    from asyncdiff_partition.pipelines.zoo import load_model
+    from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+    from asyncdiff_partition.runtime.job import run_plan
+    from asyncdiff_partition.runtime.launch import launch
+    from asyncdiff_partition.runtime.reference import ReferenceSchedule
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asyncdiff_partition' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from . import zoo
-from .capture import CapturedModel, capture_model
-from .fx_adapter import build_op_graph
-from .plan import ASYNCDIFF_SD21_BOUNDARIES, Plan, PlanError, make_plan
-from .profile import Profile, fingerprint, profile_model, time_segments
-from .summary import ModelSummary, summarize
+from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, Plan, PlanError, make_plan
+from asyncdiff_partition.core.profile import Profile, fingerprint
+from asyncdiff_partition.core.summary import ModelSummary, summarize
+from asyncdiff_partition.fx.capture import CapturedModel, capture_model
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.profiler import profile_model, time_segments
+from asyncdiff_partition.pipelines import zoo
 
 __all__ = [
     "capture_profiled",
@@ -154,11 +155,11 @@ def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 20, guidance: flo
     import numpy as np
     from PIL import Image
 
-    from .digits import NUM_CLASSES
-    from .metrics import psnr, ssim
-    from .runner import RunConfig, run_plan
-    from .plan import format_plan, ideal_speedup
-    from .summary import format_bytes, format_summary
+    from asyncdiff_partition.core.plan import format_plan, ideal_speedup
+    from asyncdiff_partition.core.summary import format_bytes, format_summary
+    from asyncdiff_partition.evaluation.metrics import psnr, ssim
+    from asyncdiff_partition.pipelines.digits import NUM_CLASSES
+    from asyncdiff_partition.runtime.job import RunConfig, run_plan
 
     torch.set_num_threads(1)  # on CPU one thread stands for one device
     out = Path(out_dir)

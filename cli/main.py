@@ -67,7 +67,7 @@ size_option = click.option("--size", type=click.IntRange(min=1), default=None,
 @main.command()
 def models() -> None:
     """List the built-in model zoo."""
-    from asyncdiff_partition import zoo
+    from asyncdiff_partition.pipelines import zoo
 
     for name in zoo.list_models():
         tag = ("trained, weights shipped (demo)" if name in zoo.TRAINED_MODELS
@@ -85,7 +85,7 @@ def models() -> None:
 def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool) -> None:
     """Capture a model and summarise its op graph: nodes, parameters, fresh nodes, cut points."""
     from asyncdiff_partition.api import inspect_model
-    from asyncdiff_partition.summary import format_summary
+    from asyncdiff_partition.core.summary import format_summary
 
     summary = inspect_model(model_spec, batch=batch, sample_size=size)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
@@ -117,14 +117,14 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, l
     import torch
 
     from asyncdiff_partition.api import profile_spec
-    from asyncdiff_partition.summary import format_bytes
+    from asyncdiff_partition.core.summary import format_bytes
 
     torch.set_num_threads(profile_threads)
     command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
-    from asyncdiff_partition.onnx_graph import is_onnx_path
+    from asyncdiff_partition.onnx.model import is_onnx_path
 
     if is_onnx_path(model_spec):
-        from asyncdiff_partition.onnx_profile import profile_onnx
+        from asyncdiff_partition.onnx.profiler import profile_onnx
 
         result = profile_onnx(model_spec, device=device, threads=profile_threads, warmup=warmup, repeats=repeats,
                               command=command, batch=batch, size=size, latent=latent)
@@ -178,8 +178,8 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
          measure, model_spec, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
     from asyncdiff_partition.api import compare_asyncdiff, measure_plan
-    from asyncdiff_partition.plan import format_plan, make_plan
-    from asyncdiff_partition.profile import Profile
+    from asyncdiff_partition.core.plan import format_plan, make_plan
+    from asyncdiff_partition.core.profile import Profile
 
     loaded = Profile.load(profile_path)
     options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
@@ -188,10 +188,10 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
     result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
     result.save(out_path)
     hand_plan = compare_asyncdiff(loaded, n_devices, **options) if compare else None
-    from asyncdiff_partition.onnx_graph import is_onnx_path
+    from asyncdiff_partition.onnx.model import is_onnx_path
 
     if measure and is_onnx_path(model_spec or loaded.model):  # segments run by onnxruntime
-        from asyncdiff_partition.onnx_segments import measure_onnx_plan as measure_plan
+        from asyncdiff_partition.onnx.segments import measure_onnx_plan as measure_plan
     measured = measure_plan(loaded, result, model_spec=model_spec) if measure else None
     click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)",
                            measured=measured))
@@ -231,9 +231,9 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
     An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
-    from asyncdiff_partition.onnx_run import is_onnx_run, run_onnx_plan
-    from asyncdiff_partition.runner import RunConfig, run_plan
-    from asyncdiff_partition.report import format_run
+    from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan
+    from asyncdiff_partition.runtime.job import RunConfig, run_plan
+    from asyncdiff_partition.runtime.report import format_run
 
     config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
                        stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
@@ -262,7 +262,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 @user_errors
 def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
     """Write one ONNX model per segment of a plan, each checked against its segment on the example inputs."""
-    from asyncdiff_partition.onnx_export import MANIFEST, export_plan_onnx
+    from asyncdiff_partition.onnx.export import MANIFEST, export_plan_onnx
 
     manifest = export_plan_onnx(plan_path, out_dir, model_spec=model_spec, opset=opset)
     for s in manifest["segments"]:
@@ -313,7 +313,7 @@ def _int_list(text: str, option: str) -> list[int]:
 def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
-    from asyncdiff_partition.evaluate import evaluate
+    from asyncdiff_partition.evaluation.evaluate import evaluate
 
     result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,

@@ -146,7 +146,9 @@ def main() -> None:
     """Capture the U-ViT through the Python API and print its op-graph summary."""
     import torch
 
-    from asyncdiff_partition import build_op_graph, capture_model, format_summary, summarize
+    from asyncdiff_partition.core.summary import format_summary, summarize
+    from asyncdiff_partition.fx.capture import capture_model
+    from asyncdiff_partition.fx.opgraph import build_op_graph
 
     torch.set_num_threads(1)
     model = build_uvit()

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from asyncdiff_partition import comm
-from asyncdiff_partition.runtime import AsyncDenoiser
-from asyncdiff_partition.schedule import slot_segment
+from asyncdiff_partition.core.schedule import slot_segment
+from asyncdiff_partition.runtime import comm
+from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
 
 
 class ChunkNet(torch.nn.Module):
@@ -56,7 +56,8 @@ def alive_bytes(refs: list[weakref.ref]) -> int:
 
 def run_jobs(blobs: dict[str, bytes], jobs: list[dict[str, Any]], timesteps: list[int]) -> dict[str, Any]:
     """Per job: build one AsyncDenoiser (from a fresh copy of the captured model), measure how much
-    of the model's weights stay alive once the copy is dropped, then sample once per case. Jobs of kind "error" record the message a bad plan raises."""
+    of the model's weights stay alive once the copy is dropped, then sample once per case.
+    Jobs of kind "error" record the message a bad plan raises."""
     torch.set_num_threads(1)
     rank, _, _ = comm.init()
     out: dict[str, Any] = {}

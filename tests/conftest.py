@@ -10,19 +10,19 @@ import torch
 torch.set_num_threads(1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(name: str):
     """(model, ModelInputs) of a tiny zoo model, built once per test session."""
-    from asyncdiff_partition import zoo
+    from asyncdiff_partition.pipelines import zoo
 
     model = zoo.build_model(name)
     return model, zoo.example_inputs(model, batch=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_captured(name: str):
     """A tiny zoo model captured once per test session."""
-    from asyncdiff_partition.capture import capture_model
+    from asyncdiff_partition.fx.capture import capture_model
 
     model, inputs = tiny(name)
     return capture_model(model, inputs.args, inputs.kwargs, latent=inputs.latent)
@@ -33,9 +33,9 @@ def unet_captured():
     return tiny_captured("tiny-unet2d-condition")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_profile(name: str = "tiny-unet2d-condition"):
     """A real (quick) profile of a tiny zoo model, made once per test session."""
-    from asyncdiff_partition.profile import profile_model
+    from asyncdiff_partition.fx.profiler import profile_model
 
     return profile_model(tiny_captured(name), model_name=name, warmup=1, repeats=2)

@@ -7,10 +7,10 @@ import pathlib
 
 import pytest
 import torch
-
-from asyncdiff_partition import zoo
-from asyncdiff_partition.capture import MODULE_KEY, CaptureError, capture_model
 from conftest import tiny, tiny_captured
+
+from asyncdiff_partition.fx.capture import MODULE_KEY, CaptureError, capture_model
+from asyncdiff_partition.pipelines import zoo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

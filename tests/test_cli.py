@@ -11,8 +11,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from asyncdiff_partition import zoo
 from asyncdiff_partition.cli.main import main
+from asyncdiff_partition.pipelines import zoo
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_console_script_runs_as_a_real_process(tmp_path):
 
 
 def test_profile_command_writes_a_loadable_profile(run, tmp_path):
-    from asyncdiff_partition.profile import Profile
+    from asyncdiff_partition.core.profile import Profile
 
     out = tmp_path / "dit.json"
     result = run("profile", "--model", "tiny-dit", "--repeats", "1", "--out", str(out))
@@ -115,7 +115,7 @@ def profile_file(tmp_path):
 
 
 def test_plan_command_prints_the_table_and_compares_with_asyncdiff(run, profile_file, tmp_path):
-    from asyncdiff_partition.plan import Plan
+    from asyncdiff_partition.core.plan import Plan
 
     out = tmp_path / "plan.json"
     result = run("plan", "--profile", profile_file, "--devices", "2", "--compare", "asyncdiff",
@@ -129,7 +129,7 @@ def test_plan_command_prints_the_table_and_compares_with_asyncdiff(run, profile_
 
 
 def test_plan_command_takes_hand_boundaries_and_speeds(run, profile_file, tmp_path):
-    from asyncdiff_partition.plan import Plan
+    from asyncdiff_partition.core.plan import Plan
 
     out = tmp_path / "hand.json"
     result = run("plan", "--profile", profile_file, "--devices", "3", "--boundaries", "mid_block,up_blocks.3",
@@ -187,8 +187,8 @@ def test_plan_measure_refuses_another_model(run, profile_file, tmp_path):
 def test_demo_writes_a_profile_a_plan_and_the_comparison(run, tmp_path):
     from PIL import Image
 
-    from asyncdiff_partition.plan import Plan
-    from asyncdiff_partition.profile import Profile
+    from asyncdiff_partition.core.plan import Plan
+    from asyncdiff_partition.core.profile import Profile
 
     out = tmp_path / "demo"
     result = run("demo", "--out", str(out), "--steps", "4")

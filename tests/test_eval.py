@@ -8,7 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from asyncdiff_partition.evaluate import COLUMNS, evaluate, hand_boundaries
+from asyncdiff_partition.evaluation.evaluate import COLUMNS, evaluate, hand_boundaries
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_fidelity_figures(result):
 def test_hand_boundaries():
     from conftest import tiny, tiny_captured
 
-    from asyncdiff_partition.fx_adapter import build_op_graph
-    from asyncdiff_partition.plan import ASYNCDIFF_SD21_BOUNDARIES
+    from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES
+    from asyncdiff_partition.fx.opgraph import build_op_graph
 
     unet, _ = tiny("tiny-unet2d-condition")  # SD 2.1's block layout: AsyncDiff's published split
     graph = build_op_graph(tiny_captured("tiny-unet2d-condition"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_captured
 from torch.fx.passes.split_module import split_module
 
-from asyncdiff_partition.fx_adapter import build_op_graph, value_bytes
-from asyncdiff_partition.graph import GraphError, OpGraph
-from conftest import tiny_captured
+from asyncdiff_partition.core.graph import GraphError, OpGraph
+from asyncdiff_partition.fx.opgraph import build_op_graph, value_bytes
 
 
 def _node(name, kind="op", out_bytes=10, param_bytes=0, latent=False, module=""):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from asyncdiff_partition.metrics import MetricError, frechet_distance, psnr, ssim
+from asyncdiff_partition.evaluation.metrics import MetricError, frechet_distance, psnr, ssim
 
 
 @pytest.fixture
@@ -103,8 +103,8 @@ def test_frechet_rejects_bad_shapes():
 
 def test_bundled_classifier_recognises_real_digits():
     pytest.importorskip("sklearn")
-    from asyncdiff_partition.classifier import FEATURES, classify, features
-    from asyncdiff_partition.digits import load_digits_data
+    from asyncdiff_partition.evaluation.classifier import FEATURES, classify, features
+    from asyncdiff_partition.pipelines.digits import load_digits_data
 
     images, labels = load_digits_data()
     images, labels = images[:300].numpy(), labels[:300].numpy()

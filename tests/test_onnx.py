@@ -13,21 +13,22 @@ import onnx.helper as oh
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny, tiny_captured, tiny_profile
 
 from asyncdiff_partition.cli.main import main
-from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.onnx_export import export_plan_onnx, load_exported
-from asyncdiff_partition.onnx_graph import OUTPUT as ONNX_OUTPUT
-from asyncdiff_partition.onnx_graph import OnnxModelError, load_onnx
-from asyncdiff_partition.onnx_profile import example_feed, make_session, node_costs, profile_onnx
-from asyncdiff_partition.onnx_run import run_onnx_plan, sample
-from asyncdiff_partition.onnx_segments import OnnxCapture, split_onnx
-from asyncdiff_partition.runner import RunConfig
-from asyncdiff_partition.plan import Plan, PlanError, make_plan, module_boundaries
-from asyncdiff_partition.profile import Profile, fingerprint
-from asyncdiff_partition.schedule import ReferenceSchedule
-from asyncdiff_partition.split import OUTPUT, run_segments, split_graph
-from conftest import tiny, tiny_captured, tiny_profile
+from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.plan import Plan, PlanError, make_plan, module_boundaries
+from asyncdiff_partition.core.profile import Profile, fingerprint
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.split import run_segments, split_graph
+from asyncdiff_partition.onnx.export import export_plan_onnx, load_exported
+from asyncdiff_partition.onnx.model import OUTPUT as ONNX_OUTPUT
+from asyncdiff_partition.onnx.model import OnnxModelError, load_onnx
+from asyncdiff_partition.onnx.profiler import example_feed, make_session, node_costs, profile_onnx
+from asyncdiff_partition.onnx.run import run_onnx_plan, sample
+from asyncdiff_partition.onnx.segments import OnnxCapture, split_onnx
+from asyncdiff_partition.runtime.job import RunConfig
+from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
 pytest.importorskip("onnxruntime")
 

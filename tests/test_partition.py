@@ -1,4 +1,4 @@
-"""Tests for asyncdiff_partition.partition: brute force, hand-made cases, errors, scale."""
+"""Tests for asyncdiff_partition.core.partition: brute force, hand-made cases, errors, scale."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncdiff_partition.partition import (
+from asyncdiff_partition.core.partition import (
     Partition,
     PartitionError,
     PartitionProblem,

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from asyncdiff_partition.files import FileFormatError
-from asyncdiff_partition.plan import (
-    ASYNCDIFF_SD21_BOUNDARIES, Plan, PlanError, format_plan, ideal_speedup, make_plan, module_boundaries,
-)
 from conftest import tiny_profile
+
+from asyncdiff_partition.core.files import FileFormatError
+from asyncdiff_partition.core.plan import (
+    ASYNCDIFF_SD21_BOUNDARIES,
+    Plan,
+    PlanError,
+    format_plan,
+    ideal_speedup,
+    make_plan,
+    module_boundaries,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-
-from asyncdiff_partition.files import FileFormatError
-from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.profile import SCHEMA_VERSION, NodeTimer, Profile, ProfileError, fingerprint, profile_model
 from conftest import tiny_captured, tiny_profile
+
+from asyncdiff_partition.core.files import FileFormatError
+from asyncdiff_partition.core.profile import SCHEMA_VERSION, Profile, ProfileError, fingerprint
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.profiler import NodeTimer, profile_model
 
 
 def test_every_node_is_timed_and_the_total_is_checked_against_eager():
@@ -107,11 +108,11 @@ def test_cuda_profile_uses_events():
 
 
 def test_segments_timed_alone_add_up_to_about_the_whole_model():
-    from asyncdiff_partition.plan import make_plan
+    from asyncdiff_partition.core.plan import make_plan
 
     profile = tiny_profile()
     plan = make_plan(profile, 2)
-    from asyncdiff_partition.profile import time_segments
+    from asyncdiff_partition.fx.profiler import time_segments
 
     measured = time_segments(tiny_captured("tiny-unet2d-condition"), plan.boundaries, warmup=1, repeats=3)
     assert len(measured) == 2 and all(m > 0 for m in measured)

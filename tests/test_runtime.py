@@ -8,20 +8,21 @@ import functools
 import pickle
 import time
 
+import _dist_worker as worker
 import pytest
 import torch
 import torch.utils._pytree as pytree
-
-import _dist_worker as worker
-from asyncdiff_partition.capture import capture_model
-from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.plan import Plan, PlanError, make_plan
-from asyncdiff_partition.profile import profile_model
-from asyncdiff_partition.launch import LaunchError, is_launched_externally, launch
-from asyncdiff_partition.runtime import check_plan
-from asyncdiff_partition.schedule import ReferenceSchedule, slot_segment
-from asyncdiff_partition.split import split_graph
 from conftest import tiny_captured
+
+from asyncdiff_partition.core.plan import Plan, PlanError, make_plan
+from asyncdiff_partition.core.schedule import slot_segment
+from asyncdiff_partition.fx.capture import capture_model
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.fx.split import split_graph
+from asyncdiff_partition.runtime.denoiser import check_plan
+from asyncdiff_partition.runtime.launch import LaunchError, is_launched_externally, launch
+from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
 MODELS = ["tiny-unet2d-condition", "tiny-dit"]
 TIMESTEPS = [900, 650, 400, 150]
@@ -32,22 +33,22 @@ CASES = [{"warmup": 0, "time_shift": False}, {"warmup": 2, "time_shift": False},
 LAUNCHES = {2: [(2, 1)], 3: [(3, 1), (2, 2)], 4: [(3, 2)]}  # world size -> (N, stride) plans
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plan(name: str, n: int, stride: int) -> Plan:
     return make_plan(_profile(name), n, stride=stride, warmup=1, steps=len(TIMESTEPS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _profile(name: str):
     return profile_model(tiny_captured(name), model_name=name, warmup=0, repeats=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _blob(name: str) -> bytes:
     return pickle.dumps(tiny_captured(name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chunk_model():
     model = worker.ChunkNet().eval()
     captured = capture_model(model, (torch.randn(2, 8), torch.full((2,), 900)), methods=("fx",))
@@ -71,7 +72,7 @@ def _jobs(world: int) -> list[dict]:
     return jobs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _launched(world: int) -> dict[int, dict]:
     blobs = {name: _blob(name) for name in MODELS}
     if world == 2:
@@ -83,7 +84,7 @@ def _captured(model: str):
     return _chunk_model()[0] if model == "chunk" else tiny_captured(model)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _segments(model: str, boundaries: tuple[int, ...]):
     captured = _captured(model)
     return split_graph(captured, build_op_graph(captured), list(boundaries))
@@ -176,7 +177,7 @@ def test_check_plan_messages(tmp_path):
 
 def test_fake_tensor_shape_pass_matches_the_real_one(monkeypatch):
     # models over _REAL_PASS_BYTES of weights get their shapes from fake tensors, without compute
-    from asyncdiff_partition import runtime
+    from asyncdiff_partition.runtime import denoiser as runtime
 
     name = MODELS[1]
     captured = tiny_captured(name)
@@ -253,9 +254,9 @@ def test_launch_arguments():
 
 
 def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
-    from asyncdiff_partition import comm
-    from asyncdiff_partition.launch import _free_port
-    from asyncdiff_partition.runtime import AsyncDenoiser
+    from asyncdiff_partition.runtime import comm
+    from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+    from asyncdiff_partition.runtime.launch import _free_port
 
     name = MODELS[1]
     captured = tiny_captured(name)

@@ -6,18 +6,13 @@ import functools
 
 import pytest
 import torch
-
-from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.schedule import (
-    ReferenceSchedule,
-    ScheduleError,
-    make_schedule,
-    n_slots,
-    readers,
-    slot_segment,
-)
-from asyncdiff_partition.split import OUTPUT, Segment, split_graph
 from conftest import tiny_captured
+
+from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.schedule import ScheduleError, make_schedule, n_slots, readers, slot_segment
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.split import Segment, split_graph
+from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
 # --- the table ------------------------------------------------------------------------------
 
@@ -216,7 +211,7 @@ NAME = "tiny-dit"
 STEPS = 5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model():
     captured = tiny_captured(NAME)
     graph = build_op_graph(captured)

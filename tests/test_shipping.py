@@ -6,13 +6,13 @@ import pickle
 
 import pytest
 import torch
-
-from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.plan import make_plan
-from asyncdiff_partition.profile import fingerprint
-from asyncdiff_partition.shipping import is_stand_in, ship_segments
-from asyncdiff_partition.split import run_segments, split_graph
 from conftest import tiny_captured, tiny_profile
+
+from asyncdiff_partition.core.plan import make_plan
+from asyncdiff_partition.core.profile import fingerprint
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.shipping import is_stand_in, ship_segments
+from asyncdiff_partition.fx.split import run_segments, split_graph
 
 
 @pytest.mark.parametrize("name", ["tiny-unet2d-condition", "tiny-dit"])

@@ -6,16 +6,17 @@ import functools
 
 import pytest
 import torch
-
-from asyncdiff_partition.capture import MODULE_KEY, capture_model
-from asyncdiff_partition.fx_adapter import build_op_graph
-from asyncdiff_partition.split import OUTPUT, SplitError, run_segments, split_graph
 from conftest import tiny_captured
+
+from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.fx.capture import MODULE_KEY, capture_model
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.split import SplitError, run_segments, split_graph
 
 MODELS = ["tiny-unet2d-condition", "tiny-dit"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name):
     """(captured, op graph, positions of the stale ops) of a tiny zoo model."""
     captured = tiny_captured(name)
@@ -25,7 +26,7 @@ def _setup(name):
     return captured, graph, stale
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split(name, boundaries):
     captured, graph, _ = _setup(name)
     return split_graph(captured, graph, list(boundaries))

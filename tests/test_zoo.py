@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from asyncdiff_partition.zoo import (
+from asyncdiff_partition.pipelines.zoo import (
     DEFAULT_MODEL,
     FULL_MODELS,
     TINY_MODELS,

@@ -24,10 +24,11 @@ import time
 import torch
 
 from asyncdiff_partition.api import capture_profiled, capture_spec, compare_asyncdiff
-from asyncdiff_partition.partition import PartitionProblem, balance_segments
-from asyncdiff_partition.plan import Plan, make_plan
-from asyncdiff_partition.profile import Profile, profile_model, time_segments
-from asyncdiff_partition.summary import format_bytes
+from asyncdiff_partition.core.partition import PartitionProblem, balance_segments
+from asyncdiff_partition.core.plan import Plan, make_plan
+from asyncdiff_partition.core.profile import Profile
+from asyncdiff_partition.core.summary import format_bytes
+from asyncdiff_partition.fx.profiler import profile_model, time_segments
 
 
 def measure(captured, plan: Plan, repeats: int) -> dict:

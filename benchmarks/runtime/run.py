@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from asyncdiff_partition.api import capture_spec
-from asyncdiff_partition.plan import ideal_speedup, make_plan
-from asyncdiff_partition.report import load_report
-from asyncdiff_partition.profile import profile_model
-from asyncdiff_partition.summary import format_bytes
+from asyncdiff_partition.core.plan import ideal_speedup, make_plan
+from asyncdiff_partition.core.summary import format_bytes
+from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.runtime.report import load_report
 
 
 def denoise_ms(result: dict) -> float:

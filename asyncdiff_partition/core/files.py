@@ -1,0 +1,72 @@
+"""Atomic, versioned JSON files: the format shared by profiles, plans and run reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from asyncdiff_partition.core.errors import AsyncDiffError
+
+__all__ = ["FileFormatError", "read_json", "write_json_atomic"]
+
+
+class FileFormatError(AsyncDiffError, ValueError):
+    """A saved file is missing, corrupt, truncated, of another kind or of an unknown version."""
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` as JSON (stable key order) through a temp file and a rename.
+
+    A crash or a full disk leaves the old file (or none), never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file reads like any other
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int, fix: str) -> dict[str, Any]:
+    """Read a file written by :func:`write_json_atomic` and check its kind and version.
+
+    Args:
+        path: the file.
+        kind: the expected value of the file's ``kind`` field ("profile", "plan", ...).
+        schema_version: the version this code reads.
+        fix: what the user should do when the file is unusable (e.g. the command that remakes it).
+
+    Raises:
+        FileFormatError: with the problem and ``fix`` in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{kind} file {str(path)!r} does not exist; {fix}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{kind} file {str(path)!r} is corrupt or truncated ({error}); {fix}") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        found = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise FileFormatError(f"{str(path)!r} is not a {kind} file (kind: {found!r}); {fix}")
+    version = data.get("schema_version")
+    if version != schema_version:
+        raise FileFormatError(
+            f"{kind} file {str(path)!r} has schema_version {version!r}; this version of "
+            f"asyncdiff-partition reads {schema_version}; {fix}"
+        )
+    return data

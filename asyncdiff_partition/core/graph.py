@@ -1,0 +1,295 @@
+"""Framework-agnostic op graph of a captured model, and the analysis of cuts through it.
+
+Example::
+
+    graph = OpGraph.from_nodes(nodes, edges)        # built by an adapter (fx, onnx)
+    table = graph.cut_table()                       # bytes crossing every boundary
+    graph.crossing(812).stale                       # what a cut before node 812 must send
+
+The graph is a :class:`networkx.DiGraph` whose node attributes are plain numbers and strings,
+so the partitioner and the plan never need torch. A *boundary* ``b`` (``0 <= b <= n``) cuts the
+topological order into ``order[:b] | order[b:]``.
+
+Note [value kinds]
+    input     a model input. Every rank has every input at every step (each rank runs the
+              same denoising loop), so inputs never cross a cut.
+    constant  a parameter, buffer or constant tensor (fx ``get_attr``). It lives with the
+              segment that consumes it; it never crosses a cut. Its bytes are owned by its
+              first consumer (``param_bytes``), so that segment memory adds up once.
+    op        a computed value. A *fresh* op (all ancestors are non-latent inputs and
+              constants: time embeddings, condition projections) is recomputed by every
+              segment that needs it; a *stale* op (depends on the latent) must be sent, and
+              in the asynchronous schedule arrives one step late.
+    output    the model output (the noise prediction).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+from asyncdiff_partition.core.errors import AsyncDiffError
+
+__all__ = ["NODE_KINDS", "OUTPUT", "Crossing", "CutTable", "GraphError", "OpGraph"]
+
+OUTPUT = "output"  # name of the model output among a segment's outputs (fx's output node is so named)
+
+NODE_KINDS = ("input", "constant", "op", "output")
+# Attributes every node carries, with their types; see OpGraph.from_nodes.
+NODE_FIELDS: dict[str, type] = {
+    "kind": str,
+    "op": str,
+    "target": str,
+    "module": str,
+    "out_bytes": int,
+    "param_bytes": int,
+    "latent": bool,
+}
+
+
+class GraphError(AsyncDiffError, ValueError):
+    """The node list does not describe a valid op graph."""
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """The values that cross one boundary: stale ones are sent, fresh ones recomputed."""
+
+    boundary: int
+    stale: tuple[str, ...]
+    stale_bytes: int
+    fresh: tuple[str, ...]
+    fresh_bytes: int
+
+
+@dataclass(frozen=True)
+class CutTable:
+    """Per boundary ``b`` in ``0..n``: bytes and count of stale and of fresh crossing values."""
+
+    stale_bytes: tuple[int, ...]
+    stale_count: tuple[int, ...]
+    fresh_bytes: tuple[int, ...]
+    fresh_count: tuple[int, ...]
+
+
+class OpGraph:
+    """A DAG of ops in one fixed topological order, with per-node sizes and fresh flags.
+
+    Build with :meth:`from_nodes`; ``graph.nx`` is the underlying :class:`networkx.DiGraph`
+    (node attributes: see :data:`NODE_FIELDS` plus ``fresh`` and ``index``).
+    """
+
+    def __init__(self, graph: nx.DiGraph, order: Sequence[str]):
+        self.nx = graph
+        self.order: list[str] = list(order)
+        self.index: dict[str, int] = {name: i for i, name in enumerate(self.order)}
+
+    @classmethod
+    def from_nodes(cls, nodes: Sequence[dict[str, Any]], edges: Iterable[tuple[str, str]]) -> OpGraph:
+        """Build from nodes in topological order and (producer, consumer) edges.
+
+        Args:
+            nodes: one dict per node with ``name`` and the fields of :data:`NODE_FIELDS`.
+            edges: data dependencies; a producer must come before its consumer in ``nodes``.
+
+        Raises:
+            GraphError: missing fields, unknown kinds, duplicate names, edges against the order.
+        """
+        graph = nx.DiGraph()
+        order: list[str] = []
+        for i, node in enumerate(nodes):
+            missing = [f for f in ("name", *NODE_FIELDS) if f not in node]
+            if missing:
+                raise GraphError(f"node #{i} lacks fields {missing}")
+            if node["kind"] not in NODE_KINDS:
+                raise GraphError(f"node {node['name']!r} has kind {node['kind']!r}; expected one of {NODE_KINDS}")
+            if node["name"] in graph:
+                raise GraphError(f"duplicate node name {node['name']!r}")
+            attrs = {f: NODE_FIELDS[f](node[f]) for f in NODE_FIELDS}
+            graph.add_node(node["name"], index=i, **attrs)
+            order.append(node["name"])
+        for producer, consumer in edges:
+            if producer not in graph or consumer not in graph:
+                raise GraphError(f"edge {producer!r} -> {consumer!r} names an unknown node")
+            if graph.nodes[producer]["index"] >= graph.nodes[consumer]["index"]:
+                raise GraphError(f"edge {producer!r} -> {consumer!r} goes against the topological order")
+            graph.add_edge(producer, consumer)
+        result = cls(graph, order)
+        result._mark_fresh()
+        return result
+
+    # --- per-node facts ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def node(self, name_or_index: str | int) -> dict[str, Any]:
+        name = self.order[name_or_index] if isinstance(name_or_index, int) else name_or_index
+        return self.nx.nodes[name]
+
+    def preds(self, index: int) -> list[int]:
+        return sorted(self.index[p] for p in self.nx.predecessors(self.order[index]))
+
+    @property
+    def fresh(self) -> list[bool]:
+        return [self.nx.nodes[n]["fresh"] for n in self.order]
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(self.nx.nodes[n]["param_bytes"] for n in self.order)
+
+    def _mark_fresh(self) -> None:
+        # See Note [value kinds]. One pass in topological order.
+        for name in self.order:
+            attrs = self.nx.nodes[name]
+            kind = attrs["kind"]
+            if kind == "input":
+                attrs["fresh"] = not attrs["latent"]
+            elif kind == "constant":
+                attrs["fresh"] = True
+            elif kind == "op":
+                attrs["fresh"] = all(self.nx.nodes[p]["fresh"] for p in self.nx.predecessors(name))
+            else:
+                attrs["fresh"] = False
+
+    def _category(self, name: str) -> str | None:
+        """'stale' / 'fresh' for values that can cross a cut, None for inputs and constants."""
+        attrs = self.nx.nodes[name]
+        if attrs["kind"] != "op":
+            return None
+        return "fresh" if attrs["fresh"] else "stale"
+
+    # --- cut analysis -----------------------------------------------------------------------
+
+    def last_use(self) -> list[int]:
+        """Per node, the position of its last consumer (its own position if it has none)."""
+        return [
+            max((self.index[c] for c in self.nx.successors(name)), default=i)
+            for i, name in enumerate(self.order)
+        ]
+
+    def cut_table(self) -> CutTable:
+        """Bytes crossing every boundary, in O(nodes + edges).
+
+        A value at position ``i`` whose last consumer is at ``j`` crosses boundaries
+        ``i+1 .. j``: add it at ``i+1`` and remove it at ``j+1`` of a difference array.
+        """
+        n = len(self.order)
+        diff = {key: [0] * (n + 2) for key in ("stale_b", "stale_c", "fresh_b", "fresh_c")}
+        for i, (name, last) in enumerate(zip(self.order, self.last_use())):
+            category = self._category(name)
+            if category is None or last <= i:
+                continue
+            size = self.nx.nodes[name]["out_bytes"]
+            for key, amount in ((category + "_b", size), (category + "_c", 1)):
+                diff[key][i + 1] += amount
+                diff[key][last + 1] -= amount
+        running = {}
+        for key, values in diff.items():
+            total, out = 0, []
+            for b in range(n + 1):
+                total += values[b]
+                out.append(total)
+            running[key] = tuple(out)
+        return CutTable(running["stale_b"], running["stale_c"], running["fresh_b"], running["fresh_c"])
+
+    def crossing(self, boundary: int) -> Crossing:
+        """The values that cross ``boundary`` (produced before it, consumed at or after it)."""
+        if not 0 <= boundary <= len(self.order):
+            raise GraphError(f"boundary {boundary} is outside 0..{len(self.order)}")
+        found: dict[str, list[str]] = {"stale": [], "fresh": []}
+        for name in self.order[:boundary]:
+            category = self._category(name)
+            if category and any(self.index[c] >= boundary for c in self.nx.successors(name)):
+                found[category].append(name)
+        size = lambda names: sum(self.nx.nodes[n]["out_bytes"] for n in names)  # noqa: E731
+        return Crossing(boundary, tuple(found["stale"]), size(found["stale"]), tuple(found["fresh"]), size(found["fresh"]))
+
+    def segment_inputs(self, boundaries: Sequence[int]) -> list[dict[str, int]]:
+        """Per segment, the stale values it consumes from earlier segments: {producer: bytes}.
+
+        ``boundaries`` are ``N+1`` increasing positions from 0 to n. Unlike a single cut, this
+        counts only what each segment really consumes (point-to-point transfers).
+        """
+        self._check_boundaries(boundaries)
+        segment_of = self.segment_of(boundaries)
+        received: list[dict[str, int]] = [{} for _ in range(len(boundaries) - 1)]
+        for producer, consumer in self.nx.edges:
+            if self._category(producer) != "stale":
+                continue
+            p, c = segment_of[self.index[producer]], segment_of[self.index[consumer]]
+            if c != p:
+                received[c][producer] = self.nx.nodes[producer]["out_bytes"]
+        return received
+
+    def segment_of(self, boundaries: Sequence[int]) -> list[int]:
+        """Segment index of every position for the given boundaries."""
+        self._check_boundaries(boundaries)
+        out: list[int] = []
+        for k in range(len(boundaries) - 1):
+            out.extend([k] * (boundaries[k + 1] - boundaries[k]))
+        return out
+
+    def _check_boundaries(self, boundaries: Sequence[int]) -> None:
+        b = list(boundaries)
+        if len(b) < 2 or b[0] != 0 or b[-1] != len(self.order) or any(x >= y for x, y in zip(b, b[1:])):
+            raise GraphError(f"boundaries must rise strictly from 0 to {len(self.order)}; got {b}")
+
+    def cheapest_cuts(self, count: int = 5, *, margin: float = 0.1) -> list[Crossing]:
+        """Boundaries with the fewest stale bytes, away from the ends of the order, one per module.
+
+        ``margin`` drops boundaries in the first and last fraction of the op nodes, where a cut
+        would leave a segment with almost nothing to do.
+        """
+        ops = [i for i, name in enumerate(self.order) if self.nx.nodes[name]["kind"] == "op"]
+        if len(ops) < 2:
+            return []
+        lo = ops[int(margin * (len(ops) - 1))] + 1
+        hi = ops[int((1 - margin) * (len(ops) - 1))]
+        table = self.cut_table()
+        candidates = sorted(range(lo, max(lo, hi) + 1), key=lambda b: (table.stale_bytes[b], b))
+        chosen: list[int] = []
+        seen_modules: set[str] = set()
+        for b in candidates:  # one cut per module: neighbours inside a module are near-duplicates
+            module = self.nx.nodes[self.order[b - 1]]["module"]
+            if module not in seen_modules:
+                seen_modules.add(module)
+                chosen.append(b)
+                if len(chosen) == count:
+                    break
+        return [self.crossing(b) for b in chosen]
+
+    def modules(self) -> dict[str, int]:
+        """Parameter bytes per top-level-and-one module path (e.g. ``down_blocks.1``)."""
+        totals: dict[str, int] = {}
+        for name in self.order:
+            attrs = self.nx.nodes[name]
+            if attrs["param_bytes"]:
+                parts = attrs["module"].split(".")
+                key = ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+                totals[key or "(root)"] = totals.get(key or "(root)", 0) + attrs["param_bytes"]
+        return totals
+
+    # --- serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        nodes = []
+        for name in self.order:
+            attrs = self.nx.nodes[name]
+            node = {"name": name, **{f: attrs[f] for f in NODE_FIELDS}}
+            node["preds"] = self.preds(self.index[name])
+            nodes.append(node)
+        return {"nodes": nodes}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OpGraph:
+        nodes = data["nodes"]
+        edges = [(nodes[p]["name"], node["name"]) for node in nodes for p in node["preds"]]
+        return cls.from_nodes(nodes, edges)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

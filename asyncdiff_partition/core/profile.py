@@ -1,0 +1,129 @@
+"""Per-node cost profiling on the target device, and the profile file.
+
+Example::
+
+    captured = capture_model(model, inputs.args, inputs.kwargs)
+    profile = profile_model(captured, model_name="sd21-unet", repeats=5)
+    profile.save("profiles/sd21-unet.cpu-1t.json")
+    Profile.load("profiles/sd21-unet.cpu-1t.json").costs      # median ms per node
+
+Every node is run through :class:`NodeTimer`, an ``fx.Interpreter``: on CPU each node is timed
+with ``time.perf_counter``; on CUDA an event is recorded before and after every node without
+synchronising in between (one synchronisation per run), so small kernels keep their
+asynchronous launch; ``cuda_sync=True`` synchronises around every node instead. The profile also
+records the whole-model eager latency on the same inputs, so that the sum of node medians can
+be checked against it (the profiler's own accuracy is reported, never assumed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.files import read_json, write_json_atomic
+from asyncdiff_partition.core.graph import OpGraph
+
+__all__ = ["SCHEMA_VERSION", "Profile", "ProfileError", "fingerprint", "peak_live_bytes"]
+
+
+SCHEMA_VERSION = 1
+_REMAKE = "re-run 'asyncdiff-partition profile' to make a new one"
+
+
+class ProfileError(AsyncDiffError, ValueError):
+    """Bad profiling arguments or an unusable profile."""
+
+
+@dataclass
+class Profile:
+    """Measured per-node costs of one model on one device, plus what they were measured on.
+
+    ``costs[i]`` / ``spread[i]`` are the median and (max - min) in ms of node ``graph.order[i]``
+    over the repeats. ``graph`` is the op graph as :meth:`OpGraph.to_dict` writes it.
+    """
+
+    model: str
+    fingerprint: str
+    device: str
+    device_name: str
+    dtype: str
+    threads: int
+    inputs: list[dict[str, Any]]
+    versions: dict[str, str]
+    warmup: int
+    repeats: int
+    costs: list[float]
+    spread: list[float]
+    eager_ms: dict[str, Any]
+    peak_memory: dict[str, int]
+    graph: dict[str, Any]
+    command: str = ""
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+    kind: str = field(default="profile", repr=False)
+
+    @property
+    def node_ms_sum(self) -> float:
+        return float(sum(self.costs))
+
+    @property
+    def accuracy(self) -> float:
+        """Sum of node medians / eager whole-model median (1.0 = the profile adds up exactly)."""
+        return self.node_ms_sum / self.eager_ms["median"] if self.eager_ms["median"] else float("nan")
+
+    def op_graph(self) -> OpGraph:
+        return OpGraph.from_dict(self.graph)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically as versioned JSON (load(save(p)) == p)."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile file.
+
+        Raises:
+            FileFormatError: missing, corrupt, truncated, not a profile, or unknown version.
+        """
+        data = read_json(path, kind="profile", schema_version=SCHEMA_VERSION, fix=_REMAKE)
+        try:
+            profile = cls(**data)
+            OpGraph.from_dict(profile.graph)
+        except (TypeError, KeyError, ValueError) as error:
+            raise ProfileError(f"profile file {str(path)!r} is malformed ({error}); {_REMAKE}") from None
+        if len(profile.costs) != len(profile.graph["nodes"]):
+            raise ProfileError(f"profile file {str(path)!r} has {len(profile.costs)} costs for "
+                               f"{len(profile.graph['nodes'])} nodes; {_REMAKE}")
+        return profile
+
+
+def fingerprint(graph: OpGraph, inputs: Sequence[dict[str, Any]]) -> str:
+    """Hash of the graph's structure, sizes and input shapes/dtypes: same model, same shapes."""
+    nodes = graph.to_dict()["nodes"]
+    structure = [(n["kind"], n["op"], n["target"], n["out_bytes"], n["param_bytes"], n["preds"]) for n in nodes]
+    shapes = [(i["name"], list(i["shape"]), i["dtype"], bool(i["latent"])) for i in inputs]
+    payload = json.dumps([structure, shapes], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def peak_live_bytes(graph: OpGraph) -> int:
+    """Largest sum of live computed values along the order (activations, parameters excluded)."""
+    last = graph.last_use()
+    live = peak = 0
+    frees: dict[int, int] = {}
+    for i, _name in enumerate(graph.order):
+        node = graph.node(i)
+        if node["kind"] == "op":
+            live += node["out_bytes"]
+            frees[last[i]] = frees.get(last[i], 0) + node["out_bytes"]
+        peak = max(peak, live)
+        live -= frees.pop(i, 0)
+    return peak

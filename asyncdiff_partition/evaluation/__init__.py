@@ -1,0 +1,1 @@
+"""Fidelity of asynchronous against sequential samples: metrics, the digit classifier, `eval`."""

@@ -1,0 +1,354 @@
+"""Fidelity of asynchronous denoising against the sequential model: the ``eval`` command.
+
+Example::
+
+    result = evaluate("digits", devices=(2, 3), strides=(1,), warmups=(1, 3), steps=20, images=10,
+                      out_dir="out/eval")
+    print(result.markdown)           # one row per configuration; CSV, markdown and PNG in out/eval
+
+Note [what eval measures]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+For one model, one batch of samples (same seeds, same labels / conditioning) is drawn once
+sequentially (the unsplit captured graph) and once per configuration with the asynchronous
+schedule, in one process through :class:`~asyncdiff_partition.runtime.reference.ReferenceSchedule`.
+The reference is the exact oracle of the distributed runtime (every runtime test asserts the
+two are equal), so no processes are started. The fidelity of a given split does not depend on
+the machine; where the ``auto`` plan cuts, and every predicted speedup, come from a profile
+taken in the same run on this machine.
+
+A configuration is (split, N, S, W): ``auto`` is :func:`~asyncdiff_partition.core.plan.make_plan`'s
+latency-balanced split of one profile; ``hand`` cuts only between top-level blocks, AsyncDiff
+style (:func:`hand_boundaries`). Per configuration the table shows the mean PSNR and SSIM of
+every asynchronous sample against its sequential twin, the plan's predicted speedup and the
+ideal one, and for the ``digits`` model the bundled classifier's class accuracy (it says the
+requested class) and the Fréchet distance of its features to real digits, both also for the
+sequential row. Samples are the final x_0 of a DDIM loop, clipped to [-1, 1] and compared on
+[0, 1]; for a latent model that is the latent itself (nothing is decoded).
+
+W = 0 runs like W = 1 (the first step has nothing stale to read; schedule.py), so its
+predicted and ideal speedups are computed with one warm-up step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from asyncdiff_partition.evaluation.metrics import frechet_distance, psnr, ssim
+from asyncdiff_partition.evaluation.report import (
+    COLUMNS,
+    ORACLE_NOTE,
+    describe_row,
+    format_markdown,
+    write_fidelity,
+)
+from asyncdiff_partition.pipelines import zoo
+
+__all__ = ["COLUMNS", "EvalResult", "evaluate", "format_markdown", "hand_boundaries"]
+
+Row = dict[str, Any]
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measured and wrote.
+
+    Attributes:
+        rows: one dict per configuration (keys :data:`COLUMNS`), the sequential row first
+            (after a ``real digits`` row of the metrics' floor, for the digits model).
+        markdown: the table as markdown, with a header saying what was run.
+        paths: ``{"csv", "markdown", "plot"}`` -> written file, when an ``out_dir`` was given.
+        seconds: wall time of the whole evaluation.
+    """
+
+    rows: list[Row]
+    markdown: str
+    paths: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate(
+    model_spec: str | None = None,
+    *,
+    devices: Sequence[int] = (2, 3, 4),
+    strides: Sequence[int] = (1, 2),
+    warmups: Sequence[int] = (0, 1, 3, 5),
+    steps: int = 20,
+    images: int = 4,
+    seed: int = 0,
+    guidance: float = 2.0,
+    hand_split: bool = True,
+    out_dir: str | Path | None = None,
+    profile_repeats: int = 2,
+    echo: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Sample sequentially and asynchronously per configuration and compare (Note [what eval measures]).
+
+    Args:
+        model_spec: zoo name or local diffusers directory (default :data:`zoo.DEFAULT_MODEL`).
+        devices, strides, warmups: every combination of N, S and W is one configuration.
+        steps: T, denoising steps of every run.
+        images: samples per class for a class-conditional model (labels 0, 1, ... each
+            ``images`` times), else samples in all; one batch.
+        seed: seeds the weights of a zoo model, the conditioning and the initial noise.
+        guidance: classifier-free guidance scale for a class-conditional model (its last class
+            is the null class, as in :mod:`~asyncdiff_partition.pipelines.class_guided`); <= 1 for none.
+            Other models are sampled without guidance, on their example conditioning.
+        hand_split: also evaluate the block-boundary hand split at every N.
+        out_dir: where to write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png``.
+        profile_repeats: timed runs of the one profile the plans are made from.
+        echo: progress lines go here (``print``, ``click.echo``); None for silence.
+
+    Returns:
+        An :class:`EvalResult`.
+
+    Raises:
+        ValueError: empty or out-of-range settings, an unknown model.
+    """
+    _check_settings(devices, strides, warmups, steps, images)
+    from asyncdiff_partition.fx.capture import capture_model
+    from asyncdiff_partition.fx.opgraph import build_op_graph
+    from asyncdiff_partition.fx.profiler import profile_model
+
+    say = echo or (lambda _line: None)
+    begin = time.perf_counter()
+    name = model_spec or zoo.DEFAULT_MODEL
+    model = zoo.load_model(name, seed=seed)
+    labels = _labels(model, images)
+    batch = len(labels) if labels is not None else images
+    guided = labels is not None and guidance > 1
+    inputs = zoo.example_inputs(model, batch=2 * batch if guided else batch, seed=seed)
+    captured = capture_model(model, inputs.args, inputs.kwargs, latent=inputs.latent)
+    graph = build_op_graph(captured)
+    profile = profile_model(captured, model_name=name, repeats=profile_repeats, command="asyncdiff-partition eval")
+    sampler = _Sampler(captured, inputs, labels, steps=steps, seed=seed, scheduler=_scheduler(name, model),
+                       guidance=guidance if guided else None)
+    digits, real_row = _digit_metrics(model, labels, seed)
+    say(f"eval {name}: {batch} samples" + (f" (classes {labels.min()}-{labels.max()}, guidance {guidance})"
+        if labels is not None else "") + f", T={steps}; {ORACLE_NOTE}")
+
+    reference = sampler.run(None)
+    base: Row = {"model": name, "steps": steps, "samples": batch}
+    rows = [{**base, "split": "sequential", "n_devices": 1, "stride": "", "warmup": "", "world_size": 1,
+             "boundaries": "", "psnr_db": math.inf, "ssim": 1.0, "predicted_speedup": 1.0, "ideal_speedup": 1.0,
+             "imbalance": 1.0, **digits(reference), "note": "unsplit model"}]
+    if real_row is not None:
+        rows.insert(0, {**base, **real_row})
+        say("  " + describe_row(rows[0]))
+    splits = ["auto", "hand"] if hand_split else ["auto"]
+    for split in splits:
+        for n in devices:
+            try:
+                hand = hand_boundaries(model, graph, n) if split == "hand" else None
+                segments = _segments(captured, graph, profile, n, hand)
+            except ValueError as error:
+                rows.append({**base, "split": split, "n_devices": n, "note": f"skipped: {error}"})
+                say(f"  {split} N={n}: skipped ({error})")
+                continue
+            runs: dict[tuple[int, int], Row] = {}  # (S, effective W) -> figures: W = 0 and 1 run alike
+            for stride in strides:
+                for warmup in warmups:
+                    rows.append({**base, **_configuration(profile, segments, sampler, reference, digits, split, n,
+                                                          stride, warmup, steps, hand, runs)})
+                    say("  " + describe_row(rows[-1]))
+    seconds = time.perf_counter() - begin
+    guide = f", guidance {guidance:g}" if guided else ""
+    markdown = format_markdown(rows, title=f"Fidelity of asynchronous denoising: {name}, T={steps}, "
+                               f"{batch} samples (seed {seed}{guide}), {seconds:.0f} s")
+    result = EvalResult(rows, markdown, seconds=seconds)
+    if out_dir is not None:
+        result.paths = write_fidelity(out_dir, rows, markdown)
+        say("wrote " + ", ".join(str(p) for p in result.paths.values()))
+    return result
+
+
+def _check_settings(devices: Sequence[int], strides: Sequence[int], warmups: Sequence[int], steps: int,
+                    images: int) -> None:
+    if not devices or any(n < 1 for n in devices):
+        raise ValueError(f"devices must be a non-empty list of N >= 1, got {list(devices)}")
+    if not strides or any(s not in (1, 2) for s in strides):
+        raise ValueError(f"strides must be 1 and/or 2, got {list(strides)}")
+    if not warmups or any(w < 0 for w in warmups):
+        raise ValueError(f"warmups must be a non-empty list of W >= 0, got {list(warmups)}")
+    if steps < 1 or images < 1:
+        raise ValueError(f"need steps >= 1 and images >= 1, got steps={steps}, images={images}")
+
+
+def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, reference: np.ndarray,
+                   digits: Callable[[np.ndarray], Row], split: str, n: int, stride: int, warmup: int, steps: int,
+                   hand: Sequence[str] | None, runs: dict[tuple[int, int], Row]) -> Row:
+    """One row: the asynchronous samples of (split, N, S, W) against the sequential ones.
+
+    ``runs`` keeps the figures of every (S, W) sampled with these segments, so that a W that
+    runs like another (W = 0 like W = 1, every W >= T alike) is sampled once.
+    """
+    from asyncdiff_partition.core.plan import make_plan
+    from asyncdiff_partition.runtime.reference import ReferenceSchedule
+
+    effective = max(warmup, 1)  # Note [what eval measures]: W = 0 runs as W = 1
+    plan = make_plan(profile, n, stride=stride, warmup=effective, steps=steps, boundaries=hand)
+    row: Row = {"split": split, "n_devices": n, "stride": stride, "warmup": warmup, "world_size": plan.world_size,
+                "boundaries": ", ".join(s.first_module for s in plan.segments[1:]),
+                "predicted_speedup": plan.predicted["speedup"], "ideal_speedup": plan.predicted["ideal_speedup"],
+                "imbalance": plan.predicted["imbalance"], "note": ""}
+    key = (stride, min(effective, steps))
+    if key not in runs:
+        try:
+            schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride,
+                                         timestep_input=sampler.timestep_input)
+        except ValueError as error:
+            return {**row, "note": f"skipped: {error}"}
+        samples = sampler.run(schedule)
+        runs[key] = {"psnr_db": float(np.mean([psnr(a, b) for a, b in zip(reference, samples)])),
+                     "ssim": float(np.mean([ssim(a, b) for a, b in zip(reference, samples)])), **digits(samples)}
+    return {**row, **runs[key]}
+
+
+def _segments(captured: Any, graph: Any, profile: Any, n: int, hand: Sequence[str] | None) -> list[Any]:
+    """The split modules of the auto (``hand`` None) or hand plan at N (the same for every S, W)."""
+    from asyncdiff_partition.core.plan import make_plan
+    from asyncdiff_partition.fx.split import split_graph
+
+    return split_graph(captured, graph, make_plan(profile, n, boundaries=hand).boundaries)
+
+
+def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[str]:
+    """AsyncDiff-style hand split: module paths where segments 2..N start, only between top-level blocks.
+
+    An SD 2.1-like UNet (SD's four down and up block types, two layers per block) gets
+    AsyncDiff's published boundaries (:data:`~asyncdiff_partition.core.plan.ASYNCDIFF_SD21_BOUNDARIES`).
+    Any other model's blocks are the items of its top-level ``ModuleList`` s plus a
+    ``mid_block``, in execution order (``down_blocks.0 … mid_block … up_blocks.3``,
+    ``transformer_blocks.0 …``); segment j starts at block ``round(j * blocks / N)``, which
+    splits the block list evenly.
+
+    Raises:
+        ValueError: fewer blocks than N.
+    """
+    from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, module_boundaries
+
+    config = getattr(model, "config", None) or {}
+    sd21_like = (type(model).__name__ == "UNet2DConditionModel" and config.get("layers_per_block") == 2
+                 and tuple(config.get("down_block_types", ())) == zoo._SD_DOWN
+                 and tuple(config.get("up_block_types", ())) == zoo._SD_UP)
+    if sd21_like and n_devices in ASYNCDIFF_SD21_BOUNDARIES:
+        return list(ASYNCDIFF_SD21_BOUNDARIES[n_devices])
+    names = [f"{top}.{i}" for top, child in model.named_children() if isinstance(child, torch.nn.ModuleList)
+             for i in range(len(child))]
+    names += [top for top, _ in model.named_children() if top == "mid_block"]
+    placed = []
+    for block in names:
+        try:
+            placed.append((module_boundaries(graph, [block])[0], block))
+        except PlanError:  # a block with no op of its own in this graph
+            continue
+    blocks = [block for _, block in sorted(placed)]
+    if n_devices > len(blocks):
+        raise ValueError(f"a hand split cuts only between top-level blocks; this model has {len(blocks)} "
+                         f"({', '.join(blocks) or 'none'}), too few for N={n_devices}")
+    return [blocks[int(j * len(blocks) / n_devices + 0.5)] for j in range(1, n_devices)]
+
+
+class _Sampler:
+    """One DDIM sampling loop, the same seeds and conditioning every run (pipeline.denoise)."""
+
+    def __init__(self, captured: Any, inputs: zoo.ModelInputs, labels: np.ndarray | None, *, steps: int,
+                 seed: int, scheduler: Any, guidance: float | None):
+        flat = captured.flatten(*inputs.args, **inputs.kwargs)
+        specs = captured.inputs
+        self.timestep_input = next((s.name for s in specs if s.path.split(".")[-1] == "timestep"), "timestep")
+        self.cond = {s.name: t for s, t in zip(specs, flat) if not s.is_latent and s.name != self.timestep_input}
+        for s in specs:
+            if labels is not None and s.path == "class_labels":
+                given = torch.as_tensor(labels)
+                if guidance is not None:  # pipeline.denoise's batch order: unconditional half first
+                    given = torch.cat([torch.full_like(given, int(labels.max()) + 1), given])
+                self.cond[s.name] = given.to(getattr(torch, s.dtype))
+        latent = captured.latent.shape
+        images = latent[0] // 2 if guidance is not None else latent[0]
+        self.noise = torch.randn(images, *latent[1:], generator=torch.Generator().manual_seed(seed + 1))
+        self.captured, self.scheduler, self.steps, self.guidance = captured, scheduler, steps, guidance
+
+    def run(self, denoiser: Any) -> np.ndarray:
+        """Samples as float images in [0, 1], (batch, H, W, C); ``denoiser`` None = the unsplit graph."""
+        from asyncdiff_partition.pipelines.wrap import denoise
+
+        names = [s.name for s in self.captured.inputs]
+        if denoiser is None:
+            graph = self.captured.graph_module
+            def denoiser(inputs):
+                return graph(*[inputs[name] for name in names])
+        self.scheduler.set_timesteps(self.steps)
+        with torch.no_grad():
+            x = denoise(denoiser, self.captured, scheduler=self.scheduler, latents=self.noise * self.scheduler.init_noise_sigma,
+                        timesteps=self.scheduler.timesteps, cond=self.cond, timestep_input=self.timestep_input,
+                        guidance_scale=self.guidance)
+        x = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
+        x = x.reshape(x.shape[0], -1, *x.shape[-3:])  # (batch, frames or 1, C, H, W)
+        return np.moveaxis(x, 2, -1).reshape(x.shape[0], -1, x.shape[-1], x.shape[2])
+
+
+def _scheduler(spec: str, model: torch.nn.Module) -> Any:
+    """DDIM: the digits model's training betas, a pipeline directory's ``scheduler/``, else the defaults."""
+    import diffusers
+
+    if _is_digits(model):
+        from asyncdiff_partition.pipelines.class_guided import digits_scheduler
+
+        return digits_scheduler()
+    folder = Path(spec) / "scheduler"
+    if spec not in zoo.list_models() and (folder / "scheduler_config.json").is_file():
+        return diffusers.DDIMScheduler.from_pretrained(str(folder))
+    return diffusers.DDIMScheduler()
+
+
+def _labels(model: torch.nn.Module, per_class: int) -> np.ndarray | None:
+    """Class labels 0..C-2, each ``per_class`` times, for a class-conditional UNet; else None.
+
+    The last class embedding is the null class of classifier-free guidance (class_pipeline.py).
+    """
+    classes = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    if not classes or classes < 2:
+        return None
+    return np.repeat(np.arange(classes - 1), per_class)
+
+
+def _is_digits(model: torch.nn.Module) -> bool:
+    """A model shaped like the bundled digits model: 16 x 16, one channel, 10 classes + null."""
+    from asyncdiff_partition.pipelines.digits import CONFIG
+
+    config = dict(getattr(model, "config", None) or {})
+    return all(config.get(key) == CONFIG[key] for key in ("in_channels", "sample_size", "num_class_embeds"))
+
+
+def _digit_metrics(model: torch.nn.Module, labels: np.ndarray | None,
+                   seed: int) -> tuple[Callable[[np.ndarray], Row], Row | None]:
+    """Class accuracy and Fréchet distance to all real digits, for the digits model's samples.
+
+    Also returns the row of a floor to read them against: as many real digits per class as
+    there are samples (drawn with ``seed``), through the same two metrics.
+    """
+    if labels is None or not _is_digits(model):
+        return (lambda _samples: {"class_accuracy": "", "frechet_distance": ""}), None
+    from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
+
+    images, classes = real_digits()
+    real = features(images)
+
+    def judge(pictures: np.ndarray, wanted: np.ndarray) -> Row:
+        return {"class_accuracy": float(np.mean(classify(pictures) == wanted)),
+                "frechet_distance": frechet_distance(features(pictures), real)}
+
+    rng = np.random.default_rng(seed)
+    drawn = np.concatenate([rng.choice(np.flatnonzero(classes == c), size=int(np.sum(labels == c)), replace=False)
+                            for c in np.unique(labels)])
+    floor = {"split": "real digits", "n_devices": "", **judge(images[drawn], classes[drawn]),
+             "note": f"{len(drawn)} real digits (same classes) against all {len(images)}: the metrics' floor"}
+    return (lambda samples: judge(samples[..., 0] * 2 - 1, labels)), floor

@@ -1,0 +1,162 @@
+"""The single-process reference of the asynchronous schedule, and the step bookkeeping every runtime shares.
+
+Example::
+
+    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+    denoiser = ReferenceSchedule(segments, warmup=1, stride=1)
+    denoiser.reset(scheduler.timesteps)
+    for t in scheduler.timesteps:
+        eps = denoiser({"sample": x, "timestep": t.expand(2), "encoder_hidden_states": text})
+        x = scheduler.step(eps, t, x).prev_sample
+
+:class:`ReferenceSchedule` evaluates the table of Note [schedule] (:mod:`asyncdiff_partition.core.schedule`)
+in one process; every distributed runtime must give the same ε at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
+from asyncdiff_partition.fx.split import Segment
+
+__all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
+
+
+class StepDenoiser(Protocol):
+    """One noise prediction per denoising step, in order, for one sampling run."""
+
+    def reset(self, timesteps: Sequence[float | int]) -> None:
+        """Start a sampling run over these timesteps (in loop order); clears all state."""
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """ε for the next step, from the model inputs by captured placeholder name."""
+
+
+def step_inputs(inputs: Mapping[str, Tensor], timestep_input: str, value: float | int | None) -> dict[str, Tensor]:
+    """``inputs`` with the timestep input set to ``value`` everywhere (same shape and dtype)."""
+    feed = dict(inputs)
+    if value is not None and timestep_input in feed:
+        feed[timestep_input] = torch.full_like(feed[timestep_input], value)
+    return feed
+
+
+class ReferenceSchedule:
+    """The schedule of Note [schedule] evaluated in one process: the oracle for every runtime.
+
+    Implements :class:`StepDenoiser`. All segments run here, one after the other; the values
+    a segment would receive over the network are read from this object's state instead.
+
+    Args:
+        segments: from :func:`~asyncdiff_partition.fx.split.split_graph`, in order.
+        warmup: W, exact warm-up steps.
+        stride: 1, or 2 (AsyncDiff's stride denoising; the runtime needs N + 1 ranks).
+        time_shift: condition the async phases on the previous step's timestep.
+        timestep_input: name of the timestep placeholder (``captured.inputs[i].name``).
+
+    Raises:
+        ScheduleError: bad arguments, or stride 2 / time_shift without a timestep input.
+    """
+
+    def __init__(
+        self,
+        segments: list[Segment],
+        *,
+        warmup: int,
+        stride: int = 1,
+        time_shift: bool = False,
+        timestep_input: str = "timestep",
+    ):
+        if not segments:
+            raise ScheduleError("need at least one segment")
+        make_schedule(len(segments), 0, warmup=warmup, stride=stride)  # validates the arguments
+        names = sorted({name for segment in segments for name in segment.inputs})
+        check_timestep_input(timestep_input, names, stride=stride, time_shift=time_shift)
+        self.segments = segments
+        self.warmup, self.stride, self.time_shift = warmup, stride, time_shift
+        self.timestep_input = timestep_input
+        self._run: SamplingRun | None = None
+
+    def reset(self, timesteps: Sequence[float | int]) -> None:
+        """Start a sampling run over ``timesteps`` (the values the loop feeds the model, in order)."""
+        table = make_schedule(len(self.segments), len(timesteps), warmup=self.warmup, stride=self.stride,
+                              time_shift=self.time_shift)
+        self._run = SamplingRun(timesteps, table)
+        self._latest: dict[str, Any] = {}  # the newest value of every stale output of slots 0..N-1
+        self._kept: dict[tuple[int, int], Tensor] = {}  # (slot, step) -> model output still to be used
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """ε of the next step, from the model inputs by captured placeholder name.
+
+        Raises:
+            ScheduleError: no :meth:`reset`, too many steps, a timestep input other than the
+                one given to :meth:`reset`, or a missing input.
+        """
+        run = self._run
+        if run is None:
+            raise ScheduleError("call reset(timesteps) before the first step of a run")
+        step = run.advance(inputs, self.timestep_input)
+        n = len(self.segments)
+        made: dict[str, Any] = {}
+        for work in step.work:
+            segment = self.segments[work.segment]
+            check_inputs(segment, inputs, step.index)
+            feed = step_inputs(inputs, self.timestep_input, run.timestep_value(work, step))
+            source = {**self._latest, **made} if step.chained else self._latest
+            args = [feed[name] for name in segment.inputs] + [source[name] for name in segment.receives]
+            with torch.no_grad():  # stale values must not keep autograd graphs alive across steps
+                values = dict(zip(segment.outputs, segment.module(*args)))
+            if OUTPUT in values and (work.slot, step.index) in run.eps_sources:
+                self._kept[(work.slot, step.index)] = values[OUTPUT]
+            if work.slot < n:
+                made.update((k, v) for k, v in values.items() if k != OUTPUT)
+        self._latest.update(made)
+        return self._kept.pop(step.eps)
+
+
+def check_inputs(segment: Segment, inputs: Mapping[str, Tensor], step: int) -> None:
+    """Every model input the segment reads must be there, by captured placeholder name."""
+    missing = [name for name in segment.inputs if name not in inputs]
+    if missing:
+        raise ScheduleError(
+            f"step {step}: segment {segment.index} needs model inputs {missing}; got {sorted(inputs)} "
+            f"(pass the inputs by captured placeholder name, captured.inputs[i].name)"
+        )
+
+
+class SamplingRun:
+    """Bookkeeping of one sampling run shared by the reference and the runtime: step counter,
+    timestep values, and the check that the loop feeds the timesteps given to reset()."""
+
+    def __init__(self, timesteps: Sequence[Any], table: list[Step]):
+        self.timesteps = [t.item() if isinstance(t, Tensor) else t for t in timesteps]
+        self.table = table
+        self.next = 0
+        self.eps_sources = {step.eps for step in table}
+
+    def advance(self, inputs: Mapping[str, Tensor], timestep_input: str) -> Step:
+        if self.next >= len(self.table):
+            raise ScheduleError(
+                f"step {self.next + 1} of a run of {len(self.table)} timesteps; call reset(timesteps) to start a new run"
+            )
+        step = self.table[self.next]
+        given = inputs.get(timestep_input)
+        if given is not None:
+            expected = torch.full_like(given, self.timesteps[step.index])
+            if not torch.equal(given, expected):
+                raise ScheduleError(
+                    f"step {step.index}: the {timestep_input!r} input is {given.flatten()[:4].tolist()} but "
+                    f"reset() was given timesteps[{step.index}] = {self.timesteps[step.index]}; pass reset() the "
+                    f"timestep values the loop feeds the model, in order, and call once per step"
+                )
+        self.next += 1
+        return step
+
+    def timestep_value(self, work: Work, step: Step) -> float | int | None:
+        """The value to write into the timestep input, None where the loop's own is right."""
+        return None if work.timestep == step.index else self.timesteps[work.timestep]
