@@ -18,7 +18,7 @@ import keyword
 import os
 import re
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,19 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.fx.pickling import dump_graph, load_graph
 
-__all__ = ["CaptureError", "CapturedModel", "InputSpec", "capture_model", "resolve_attr", "METHODS", "MODULE_KEY"]
+__all__ = [
+    "METHODS",
+    "MODULE_KEY",
+    "CaptureError",
+    "CapturedModel",
+    "InputSpec",
+    "capture_model",
+    "pack_captured",
+    "resolve_attr",
+    "restore_captured",
+]
 
 METHODS = ("fx", "export")
 MODULE_KEY = "asyncdiff_module"  # node.meta key: dotted path of the module a node came from
@@ -73,6 +84,9 @@ class CapturedModel:
         method: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export, non-strict).
         attempts: ``(method, error message)`` of each method that was tried and failed first.
         example: the example tensors, one per input, as given at capture time.
+        treespec: the pytree structure of the bound model call (arguments by parameter name).
+        constants: the call's non-tensor leaves by leaf index; they must not change.
+        model: the original model, whose forward signature binds call arguments.
     """
 
     graph_module: torch.fx.GraphModule
@@ -80,8 +94,9 @@ class CapturedModel:
     method: str
     example: list[torch.Tensor] = field(default_factory=list)
     attempts: list[tuple[str, str]] = field(default_factory=list)
-    _treespec: Any = None
-    _constants: dict[int, Any] = field(default_factory=dict)
+    treespec: Any = None
+    constants: dict[int, Any] = field(default_factory=dict)
+    model: Any = None
 
     @property
     def latent(self) -> InputSpec:
@@ -89,31 +104,41 @@ class CapturedModel:
 
     def flatten(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """Model-call arguments → the graph's positional tensors (same structure as captured)."""
-        leaves, spec = pytree.tree_flatten(_bind(self._signature_model, args, _with_defaults(self._signature_model, kwargs)))
-        if spec != self._treespec:
+        leaves, spec = pytree.tree_flatten(_bind(self.model, args, _with_defaults(self.model, kwargs)))
+        if spec != self.treespec:
             raise ValueError(
                 "the call's argument structure differs from the captured one; pass the same "
                 "arguments (and nesting) as at capture time"
             )
-        for i, value in self._constants.items():
+        for i, value in self.constants.items():
             if leaves[i] != value:
                 raise ValueError(f"a non-tensor argument was captured as {value!r} but is now {leaves[i]!r}; capture again")
-        return [leaf for i, leaf in enumerate(leaves) if i not in self._constants]
+        return [leaf for i, leaf in enumerate(leaves) if i not in self.constants]
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.graph_module(*self.flatten(*args, **kwargs))
 
     def call_eager(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Run the original model (not the graph) on flat inputs: the eager baseline."""
-        return _call_model(self._signature_model, tensors, self._treespec, self._constants)
-
-    # The model whose forward signature binds the arguments; set by capture_model.
-    _signature_model: Any = None
+        return _call_model(self.model, tensors, self.treespec, self.constants)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from asyncdiff_partition.fx.shipping import reduce_captured  # Note [pickling a captured model]
+        return restore_captured, pack_captured(self)  # Note [pickling a captured model] (fx/pickling.py)
 
-        return reduce_captured(self)
+
+def pack_captured(captured: CapturedModel, stand_ins: Set[int] = frozenset()) -> tuple[bytes, list[Any]]:
+    """(graph blob, tensors) of a capture, for :func:`restore_captured`; weights whose ids are in
+    ``stand_ins`` become stand-ins (Note [weight stand-ins] in fx/pickling.py)."""
+    state = {"inputs": captured.inputs, "method": captured.method, "example": captured.example,
+             "attempts": captured.attempts, "treespec": captured.treespec, "constants": captured.constants,
+             "model": captured.model}
+    return dump_graph(captured.graph_module, state, meta_key=MODULE_KEY, stand_ins=stand_ins)
+
+
+def restore_captured(blob: bytes, tensors: list[torch.Tensor]) -> CapturedModel:
+    """The capture that :func:`pack_captured` packed, graph rebuilt node for node."""
+    gm, state = load_graph(blob, tensors, meta_key=MODULE_KEY)
+    return CapturedModel(graph_module=gm, **state)
 
 
 def capture_model(
@@ -179,7 +204,7 @@ def capture_model(
             continue
         return CapturedModel(
             graph_module=gm, inputs=specs, method=method, example=example, attempts=attempts,
-            _treespec=treespec, _constants=constants, _signature_model=model,
+            treespec=treespec, constants=constants, model=model,
         )
     raise CaptureError(_failure_message(type(model).__name__, attempts))
 

@@ -90,7 +90,7 @@ def _bind_call(model: Any, captured: CapturedModel, args: tuple, kwargs: dict) -
     ``cross_attention_kwargs=None``): those are dropped, so the call has the captured structure.
     """
     kwargs.pop("return_dict", None)
-    captured_names = set(captured._treespec.context or ()) if captured._treespec is not None else set()
+    captured_names = set(captured.treespec.context or ()) if captured.treespec is not None else set()
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs).arguments
@@ -153,7 +153,7 @@ class ScheduledDenoiser(torch.nn.Module):
         timesteps: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
-        original = original if original is not None else captured._signature_model
+        original = original if original is not None else captured.model
         param = next(original.parameters(), None) if isinstance(original, torch.nn.Module) else None
         # object.__setattr__: neither is a sub-module (see the class docstring).
         object.__setattr__(self, "original", original)

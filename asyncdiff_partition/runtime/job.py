@@ -113,7 +113,7 @@ def _prepare(
     from asyncdiff_partition.runtime.denoiser import check_plan
 
     batch, size, source = _latent_shape(plan, config.plan)
-    model = captured._signature_model if captured is not None else None
+    model = captured.model if captured is not None else None
     built = build_pipeline(config.model, seed=config.seed, sample_size=size, model=model)
     built.pipe.to(device)  # before a capture: the graph's constants live where the model does
     images = built.images_for_batch(batch, config.guidance)
