@@ -26,12 +26,13 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.fx.pickling import dump_graph, load_graph
 
 __all__ = [
     "METHODS",
     "MODULE_KEY",
+    "CallError",
     "CaptureError",
     "CapturedModel",
     "InputSpec",
@@ -51,6 +52,10 @@ _WRAPPED = "model"  # attribute under which the flat wrapper holds the user's mo
 
 class CaptureError(AsyncDiffError, RuntimeError):
     """No capture method produced a graph that matches the model."""
+
+
+class CallError(AsyncDiffError, ValueError):
+    """A model call whose arguments do not fit the model or the captured call (structure, values, shapes)."""
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,13 @@ class CapturedModel:
         """Model-call arguments → the graph's positional tensors (same structure as captured)."""
         leaves, spec = pytree.tree_flatten(_bind(self.model, args, _with_defaults(self.model, kwargs)))
         if spec != self.treespec:
-            raise ValueError(
+            raise CallError(
                 "the call's argument structure differs from the captured one; pass the same "
                 "arguments (and nesting) as at capture time"
             )
         for i, value in self.constants.items():
             if leaves[i] != value:
-                raise ValueError(f"a non-tensor argument was captured as {value!r} but is now {leaves[i]!r}; capture again")
+                raise CallError(f"a non-tensor argument was captured as {value!r} but is now {leaves[i]!r}; capture again")
         return [leaf for i, leaf in enumerate(leaves) if i not in self.constants]
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -171,17 +176,18 @@ def capture_model(
     Raises:
         CaptureError: every method failed; lists each method, its error and the model source
             line where it broke, with a hint.
-        ValueError: bad arguments (unknown method, no tensor input, unknown latent name).
+        CallError: the example call does not fit the model or has no tensor input.
+        ConfigError: an unknown method or latent name.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown capture method(s) {unknown or list(methods)}; choose from {list(METHODS)}")
+        raise ConfigError(f"unknown capture method(s) {unknown or list(methods)}; choose from {list(METHODS)}")
     kwargs = _with_defaults(model, kwargs or {})
     bound = _bind(model, tuple(args), kwargs)
     leaves_with_paths, treespec = pytree.tree_flatten_with_path(bound)
     tensors = [(i, _path_str(p), leaf) for i, (p, leaf) in enumerate(leaves_with_paths) if isinstance(leaf, torch.Tensor)]
     if not tensors:
-        raise ValueError("the example call has no tensor input; pass the latent and conditions as tensors")
+        raise CallError("the example call has no tensor input; pass the latent and conditions as tensors")
     constants = {i: leaf for i, (_, leaf) in enumerate(leaves_with_paths) if not isinstance(leaf, torch.Tensor)}
     latent_path = _pick_latent([path for _, path, _ in tensors], latent)
     names = _placeholder_names([path for _, path, _ in tensors])
@@ -352,7 +358,7 @@ def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     try:
         return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
     except TypeError as error:
-        raise ValueError(f"the example arguments do not fit {type(model).__name__}.forward: {error}") from None
+        raise CallError(f"the example arguments do not fit {type(model).__name__}.forward: {error}") from None
 
 
 def _split_bound(model: torch.nn.Module, arguments: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -393,7 +399,7 @@ def _placeholder_names(paths: list[str]) -> list[str]:
 def _pick_latent(paths: list[str], latent: str | None) -> str:
     if latent is not None:
         if latent not in paths:
-            raise ValueError(f"latent {latent!r} is not a tensor input of the call; tensor inputs: {paths}")
+            raise ConfigError(f"latent {latent!r} is not a tensor input of the call; tensor inputs: {paths}")
         return latent
     for candidate in _LATENT_NAMES:
         if candidate in paths:

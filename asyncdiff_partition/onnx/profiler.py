@@ -33,10 +33,12 @@ import bisect
 import datetime
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -62,7 +64,7 @@ def onnxruntime() -> Any:
         ProfileError: onnxruntime is not installed.
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # an optional dependency: imported where it is needed, or reported missing
     except ImportError:
         raise ProfileError("onnxruntime is not installed; pip install 'asyncdiff-partition[onnx]'") from None
     return ort
@@ -275,14 +277,10 @@ def _match(name: str, index: Mapping[str, int]) -> int | None:
 
 
 def _rss() -> int:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _version(package: str) -> str:
-    from importlib import metadata
-
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

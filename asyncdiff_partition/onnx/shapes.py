@@ -27,8 +27,9 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 import onnx.shape_inference
+from onnx.reference import ReferenceEvaluator
 
-from asyncdiff_partition.onnx.model import OnnxModelError
+from asyncdiff_partition.onnx.errors import OnnxModelError
 
 __all__ = ["make_static"]
 
@@ -161,8 +162,6 @@ def _foldable(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto]) -
 def _evaluate(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto],
               opsets: Mapping[str, int]) -> onnx.TensorProto | None:
     """The node's value as a tensor, computed by onnx's reference evaluator; None if too big or failing."""
-    from onnx.reference import ReferenceEvaluator
-
     feeds = {name: onnx.numpy_helper.to_array(constants[name]) for name in node.input if name}
     try:
         (result,) = ReferenceEvaluator(node, opsets=dict(opsets)).run(None, feeds)
