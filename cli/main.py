@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from asyncdiff_partition.core.baseline import make_asyncdiff_plan
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.core.plan import format_plan, make_plan
 from asyncdiff_partition.core.profile import Profile
 from asyncdiff_partition.core.summary import format_bytes, format_summary
@@ -307,7 +307,7 @@ def _int_list(text: str, option: str) -> list[int]:
     except ValueError:
         values = []
     if not values:
-        raise click.BadParameter(f"expected comma-separated integers like 1,2; got {text!r}", param_hint=option)
+        raise ConfigError(f"{option} expects comma-separated integers like 1,2; got {text!r}")
     return values
 
 

@@ -129,7 +129,11 @@ class ModelInputs:
 
 
 class UnknownModelError(AsyncDiffError, ValueError):
-    """A model spec that is neither a zoo name nor a local directory holding a loadable model."""
+    """A model spec that is neither a zoo name nor a local directory."""
+
+
+class ModelFolderError(AsyncDiffError, ValueError):
+    """A local model or pipeline directory that is missing or holds no loadable diffusers model."""
 
 
 def list_models() -> list[str]:
@@ -176,32 +180,33 @@ def load_model(spec: str, *, seed: int = 0) -> torch.nn.Module:
         seed: weight seed for zoo models; ignored for directories.
 
     Raises:
-        UnknownModelError: ``spec`` is neither a zoo name nor a path, or the path is missing or holds no loadable model.
+        UnknownModelError: ``spec`` is neither a zoo name nor a path.
+        ModelFolderError: the path is missing or holds no loadable model.
     """
     if spec in _CONFIGS or spec in TRAINED_MODELS:
         return build_model(spec, seed=seed)
     path = Path(spec).expanduser()
     if not path.exists():
         if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
-            raise UnknownModelError(
+            raise ModelFolderError(
                 f"model directory {spec!r} does not exist; pass a zoo name "
                 f"({', '.join(list_models())}) or a local diffusers model or pipeline directory "
                 "(hub ids are not downloaded)"
             )
         raise _unknown(spec)
     if not path.is_dir():
-        raise UnknownModelError(f"{spec!r} is a file; expected a diffusers model or pipeline directory")
+        raise ModelFolderError(f"{spec!r} is a file; expected a diffusers model or pipeline directory")
     if (path / "config.json").is_file():
         return _load_model_folder(path)
     if (path / "model_index.json").is_file():
         for sub in ("unet", "transformer"):
             if (path / sub / "config.json").is_file():
                 return _load_model_folder(path / sub)
-        raise UnknownModelError(
+        raise ModelFolderError(
             f"pipeline directory {str(path)!r} has no unet/ or transformer/ sub-folder with a "
             "config.json; expected the denoiser in one of those"
         )
-    raise UnknownModelError(
+    raise ModelFolderError(
         f"directory {str(path)!r} has neither config.json nor model_index.json; expected a "
         "diffusers model folder (config.json) or pipeline folder (model_index.json)"
     )
@@ -212,7 +217,7 @@ def _load_model_folder(path: Path) -> torch.nn.Module:
     class_name = config.get("_class_name") if isinstance(config, dict) else None
     cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise UnknownModelError(
+        raise ModelFolderError(
             f"{str(path / 'config.json')!r} names _class_name={class_name!r}, which is not a "
             "diffusers model class; expected e.g. UNet2DConditionModel"
         )
