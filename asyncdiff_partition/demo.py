@@ -62,7 +62,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 20, guidance: flo
     planned = make_plan(profiled, 2, steps=steps, profile_path=str(profile_path))
     plan_path = planned.save(out / "plan-2.json")
     echo(format_plan(planned, title="plan for 2 devices"))
-    common = dict(model=None, plan=str(plan_path), steps=steps, guidance=guidance, progress=False)
+    common: dict[str, Any] = dict(model=None, plan=str(plan_path), steps=steps, guidance=guidance, progress=False)
     runs = {
         "sequential": run_plan(RunConfig(**common, warmup=steps, reference=True, out_dir=str(out / "sequential"))),
         "async": run_plan(RunConfig(**common, threads=1, out_dir=str(out / "async"))),
@@ -116,7 +116,7 @@ def _comparison_png(path: Path, top: list[Any], bottom: list[Any], fidelity: lis
         draw.text((6, y + side // 2 - 8), label, fill="black", font=font)
         for col, image in enumerate(images):
             tile = Image.fromarray((image * 255).round().clip(0, 255).astype("uint8"))
-            sheet.paste(tile.resize((side, side), Image.NEAREST).convert("RGB"), (left + col * (side + gap), y))
+            sheet.paste(tile.resize((side, side), Image.Resampling.NEAREST).convert("RGB"), (left + col * (side + gap), y))
     for col, (p, s) in enumerate(fidelity):
         x = left + col * (side + gap)
         draw.text((x + side // 2 - 4, 4), str(col), fill="black", font=font)

@@ -288,9 +288,9 @@ class _Sampler:
             x = denoise(denoiser, self.captured, scheduler=self.scheduler, latents=self.noise * self.scheduler.init_noise_sigma,
                         timesteps=self.scheduler.timesteps, cond=self.cond, timestep_input=self.timestep_input,
                         guidance_scale=self.guidance)
-        x = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
-        x = x.reshape(x.shape[0], -1, *x.shape[-3:])  # (batch, frames or 1, C, H, W)
-        return np.moveaxis(x, 2, -1).reshape(x.shape[0], -1, x.shape[-1], x.shape[2])
+        pixels = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
+        pixels = pixels.reshape(pixels.shape[0], -1, *pixels.shape[-3:])  # (batch, frames or 1, C, H, W)
+        return np.moveaxis(pixels, 2, -1).reshape(pixels.shape[0], -1, pixels.shape[-1], pixels.shape[2])
 
 
 def _scheduler(spec: str, model: torch.nn.Module) -> Any:

@@ -221,7 +221,7 @@ def capture_model(
 class _FlatCall(torch.nn.Module):
     """``forward(t0, t1, ...)`` → rebuild the model call from flat tensors → noise prediction."""
 
-    def __init__(self, model, names, treespec, constants):
+    def __init__(self, model: torch.nn.Module, names: list[str], treespec: Any, constants: dict[int, Any]) -> None:
         super().__init__()
         setattr(self, _WRAPPED, model)
         self._treespec, self._constants = treespec, constants

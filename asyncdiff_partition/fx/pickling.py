@@ -53,9 +53,8 @@ def dump_graph(gm: torch.fx.GraphModule, state: dict[str, Any], *, meta_key: str
     """
     nodes = []
     for node in gm.graph.nodes:
-        refer = lambda n: _OpRef("node", n.name)  # noqa: E731
-        nodes.append((node.op, node.name, _op_ref(node.target), torch.fx.map_arg(node.args, refer),
-                      torch.fx.map_arg(node.kwargs, refer), node.meta.get(meta_key, "")))
+        nodes.append((node.op, node.name, _op_ref(node.target), torch.fx.map_arg(node.args, _refer),
+                      torch.fx.map_arg(node.kwargs, _refer), node.meta.get(meta_key, "")))
     attrs = {str(n.target): operator.attrgetter(str(n.target))(gm)
              for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     buffer = io.BytesIO()
@@ -155,6 +154,11 @@ class _StandIn:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return stand_in, self.args
+
+
+def _refer(node: torch.fx.Node) -> Any:
+    """An fx node argument as a reference by name (resolved on load)."""
+    return _OpRef("node", node.name)
 
 
 def _op_ref(target: Any) -> Any:

@@ -133,6 +133,7 @@ def load_onnx(
         raise OnnxModelError(f"ONNX model {path!r} has no inputs; a denoiser takes at least the latent")
     names = [v.name for v in inputs]
     latent_name = _pick(names, latent, LATENT_NAMES, "latent", path, required=True)
+    assert latent_name is not None  # required=True raises instead
     timestep_name = _pick(names, timestep, TIMESTEP_NAMES, "timestep", path, required=False)
     _name_nodes(proto)
     proto, values = make_static(proto, latent=latent_name, batch=batch, size=size, input_shapes=input_shapes,

@@ -261,8 +261,9 @@ def node_costs(events: Sequence[Mapping[str, Any]], order: Sequence[str], *,
         per_run[r][node] = per_run[r].get(node, 0.0) + ms + sum(pending[r])
         pending[r], last[r] = [], node
     for r, left in enumerate(pending):  # trailing unmatched events: to the last kernel of the run
-        if left and last[r] is not None:
-            per_run[r][last[r]] += sum(left)
+        kernel = last[r]
+        if left and kernel is not None:
+            per_run[r][kernel] += sum(left)
     samples = [[run.get(i, 0.0) for run in per_run] for i in range(len(order))]
     return samples, statistics.median(unmatched)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
@@ -167,9 +168,9 @@ def _evaluate(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto],
         (result,) = ReferenceEvaluator(node, opsets=dict(opsets)).run(None, feeds)
     except Exception:  # noqa: BLE001 - an op the reference evaluator lacks stays a node
         return None
-    if getattr(result, "size", _FOLD_ELEMENTS + 1) > _FOLD_ELEMENTS:
+    if not isinstance(result, (np.ndarray, np.generic)) or result.size > _FOLD_ELEMENTS:
         return None
-    return onnx.numpy_helper.from_array(result, "value")
+    return onnx.numpy_helper.from_array(np.asarray(result), "value")
 
 
 def _known_types(proto: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...] | None, int]]:

@@ -39,7 +39,7 @@ def to_pil(images: Tensor) -> list[Any]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
-class ClassGuidedPipeline(DiffusionPipeline):  # type: ignore[misc]
+class ClassGuidedPipeline(DiffusionPipeline):
     """Sample one image per class label from a class-conditional ``UNet2DModel``.
 
     Args:

@@ -205,7 +205,7 @@ def save_digits_model(model: torch.nn.Module, out_dir: str | Path, meta: dict[st
     weights, config = out / WEIGHTS_FILE, out / CONFIG_FILE
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     write_atomic(weights, safetensors.torch.save(state, metadata=meta))
-    write_atomic(config, model.to_json_string())
+    write_atomic(config, model.to_json_string())  # type: ignore[operator]  # a diffusers ModelMixin
     return weights, config
 
 
@@ -246,7 +246,7 @@ def save_grid(model: torch.nn.Module, path: str | Path, *, per_class: int = 10, 
     side, step = SIZE * scale, SIZE * scale + scale  # one source pixel of grey between tiles
     grid = Image.new("L", (per_class * step, NUM_CLASSES * step), 128)
     for i, picture in enumerate(pictures):
-        grid.paste(picture.resize((side, side), Image.NEAREST), ((i % per_class) * step, (i // per_class) * step))
+        grid.paste(picture.resize((side, side), Image.Resampling.NEAREST), ((i % per_class) * step, (i // per_class) * step))
     png = io.BytesIO()
     grid.save(png, format="PNG")
     return write_atomic(path, png.getvalue())

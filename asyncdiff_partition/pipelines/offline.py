@@ -36,7 +36,7 @@ __all__ = ["BuiltPipeline", "PromptEmbedsPipeline", "build_pipeline", "capture_f
 
 # --- offline pipelines around zoo models ------------------------------------------------------
 
-class PromptEmbedsPipeline(DiffusionPipeline):  # type: ignore[misc]
+class PromptEmbedsPipeline(DiffusionPipeline):
     """StableDiffusionPipeline's denoising loop, with the prompt given as embeddings.
 
     diffusers' ``StableDiffusionPipeline`` cannot be imported without ``transformers`` (its
@@ -146,7 +146,8 @@ class BuiltPipeline:
             if hasattr(self.pipe, "default_labels"):  # ClassGuidedPipeline: every class in turn
                 labels = self.pipe.default_labels(images)
             else:
-                labels = torch.randint(0, self.model.config.num_embeds_ada_norm, (images,),
+                config: Any = self.model.config
+                labels = torch.randint(0, config.num_embeds_ada_norm, (images,),
                                        generator=torch.Generator().manual_seed(self.seed)).tolist()
             out = self.pipe(class_labels=labels, guidance_scale=guidance_scale, **common)
         else:
@@ -209,11 +210,11 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
     if sample_size is not None:
         for size in (sample_size,) if isinstance(sample_size, int) else sample_size:
             zoo.check_sample_size(model, size)
-        model.register_to_config(sample_size=sample_size)
+        model.register_to_config(sample_size=sample_size)  # type: ignore[operator]  # a diffusers ModelMixin
     directory = Path(spec) if spec not in zoo.list_models() else None
     torch.manual_seed(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
-    cfg = model.config
+    cfg: Any = model.config  # a diffusers FrozenDict read by attribute
     if kind == "UNet2DModel" and cfg.num_class_embeds is not None:  # class-conditional, guided
         return BuiltPipeline(ClassGuidedPipeline(unet=model, scheduler=_scheduler(directory, {})), model, "class", seed)
     if kind == "UNet2DModel":

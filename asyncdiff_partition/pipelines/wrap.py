@@ -360,6 +360,7 @@ def denoise(
         if eps.shape[1] == 2 * x.shape[1]:  # learned variance (DiT): keep the noise half
             eps = eps[:, : x.shape[1]]
         if cfg:
+            assert guidance_scale is not None  # cfg says so
             uncond, text = eps.chunk(2)
             eps = uncond + guidance_scale * (text - uncond)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample

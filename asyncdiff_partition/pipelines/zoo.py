@@ -215,13 +215,14 @@ def load_model(spec: str, *, seed: int = 0) -> torch.nn.Module:
 def _load_model_folder(path: Path) -> torch.nn.Module:
     config = json.loads((path / "config.json").read_text())
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    cls: Any = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ModelFolderError(
             f"{str(path / 'config.json')!r} names _class_name={class_name!r}, which is not a "
             "diffusers model class; expected e.g. UNet2DConditionModel"
         )
-    model = cls.from_pretrained(str(path), local_files_only=True)
+    loader: Any = cls  # a diffusers ModelMixin subclass
+    model = loader.from_pretrained(str(path), local_files_only=True)
     return model.float().eval()
 
 
@@ -269,7 +270,7 @@ def example_inputs(
             f"example_inputs supports {', '.join(_SUPPORTED)}, not {kind}; "
             "capture a custom model with capture_model(model, args, kwargs) directly"
         )
-    cfg = model.config
+    cfg: Any = model.config  # a diffusers FrozenDict read by attribute
     size = sample_size if sample_size is not None else cfg.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     param = next(model.parameters())
