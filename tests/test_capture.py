@@ -46,7 +46,7 @@ def test_capture_matches_eager_for_every_tiny_zoo_model(name):
 
 
 def test_diffusers_unet_needs_export_and_says_why_fx_failed(unet_captured):
-    # DESIGN.md: symbolic_trace fails on diffusers UNets (iterating a Proxy).
+    # docs/design.md: symbolic_trace fails on diffusers UNets (iterating a Proxy).
     assert unet_captured.method == "export"
     (method, message), = unet_captured.attempts
     assert method == "fx" and "Proxy" in message and "unet_2d_condition.py" in message

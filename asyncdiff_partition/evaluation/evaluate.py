@@ -306,7 +306,7 @@ def _scheduler(spec: str, model: torch.nn.Module) -> Any:
 def _labels(model: torch.nn.Module, per_class: int) -> np.ndarray | None:
     """Class labels 0..C-2, each ``per_class`` times, for a class-conditional UNet; else None.
 
-    The last class embedding is the null class of classifier-free guidance (class_pipeline.py).
+    The last class embedding is the null class of classifier-free guidance (pipelines/class_guided.py).
     """
     classes = getattr(getattr(model, "config", None), "num_class_embeds", None)
     if not classes or classes < 2:
