@@ -23,9 +23,11 @@ demo: $(STAMP)
 test: check
 	$(PY) -m pytest -q
 
-# Static checks, run by `make test` (and so by CI): lint and import order.
+# Static checks, run by `make test` (and so by CI): lint and import order, then types
+# (strict on the torch-free core, normal elsewhere; settings in pyproject.toml).
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy asyncdiff_partition cli
 
 clean:
 	rm -rf $(VENV) build *.egg-info

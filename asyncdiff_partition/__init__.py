@@ -20,6 +20,9 @@ The stages, and the subpackage each lives in::
     onnx       onnx/               .onnx models through the same graph, plan and runtime
     evaluation evaluation/         fidelity of asynchronous against sequential samples
 
+``api.py`` chains the stages for the CLI's ``inspect``, ``profile`` and ``plan --measure``;
+``demo.py`` is the ``demo`` command. ``docs/design.md`` explains the design.
+
 ``asyncdiff_partition.core`` imports neither torch nor diffusers; this package's top level is
 lazy, so ``import asyncdiff_partition`` is cheap and each name loads its stage on first use.
 

@@ -1,19 +1,35 @@
-"""The ``asyncdiff-partition`` command: a thin click layer over the Python API."""
+"""The ``asyncdiff-partition`` command: a thin click layer over the Python API.
+
+Note [light commands]
+~~~~~~~~~~~~~~~~~~~~~
+``--help`` and ``plan`` (without ``--measure``) need only the torch-free core, so this module
+imports nothing at its top that loads torch or diffusers (20-50 s on a loaded 2-core machine).
+Each command imports the stages it runs inside its own body; those function-local imports are
+there for this reason alone (tests/test_imports.py keeps it so).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-# Errors a user can cause and fix; each becomes one line on stderr and exit status 1.
-# Anything else is a bug and keeps its traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, RuntimeError)
+from asyncdiff_partition.core.baseline import make_asyncdiff_plan
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.plan import format_plan, make_plan
+from asyncdiff_partition.core.profile import Profile
+from asyncdiff_partition.core.summary import format_bytes, format_summary
+
+# Errors a user can cause and fix; each becomes one line on stderr and exit status 1. Click's
+# own usage errors are click's to print. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (AsyncDiffError, OSError)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,7 +39,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except _USER_ERRORS as error:
+        except USER_ERRORS as error:
             if click.get_current_context().obj.get("debug"):
                 raise
             message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
@@ -48,7 +64,7 @@ def main(ctx: click.Context, threads: int | None, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if threads is not None:
-        import torch
+        import torch  # Note [light commands]
 
         torch.set_num_threads(threads)
 
@@ -67,7 +83,7 @@ size_option = click.option("--size", type=click.IntRange(min=1), default=None,
 @main.command()
 def models() -> None:
     """List the built-in model zoo."""
-    from asyncdiff_partition.pipelines import zoo
+    from asyncdiff_partition.pipelines import zoo  # Note [light commands]
 
     for name in zoo.list_models():
         tag = ("trained, weights shipped (demo)" if name in zoo.TRAINED_MODELS
@@ -84,8 +100,7 @@ def models() -> None:
 @user_errors
 def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool) -> None:
     """Capture a model and summarise its op graph: nodes, parameters, fresh nodes, cut points."""
-    from asyncdiff_partition.api import inspect_model
-    from asyncdiff_partition.core.summary import format_summary
+    from asyncdiff_partition.api import inspect_model  # Note [light commands]
 
     summary = inspect_model(model_spec, batch=batch, sample_size=size)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
@@ -111,21 +126,15 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, l
 
     --model also takes an .onnx file: it is profiled by onnxruntime's own profiler, and --batch /
     --size then only fill its symbolic dimensions."""
-    import shlex
-    from pathlib import Path
-
-    import torch
+    import torch  # Note [light commands], as every import below
 
     from asyncdiff_partition.api import profile_spec
-    from asyncdiff_partition.core.summary import format_bytes
+    from asyncdiff_partition.onnx.model import is_onnx_path
+    from asyncdiff_partition.onnx.profiler import profile_onnx
 
     torch.set_num_threads(profile_threads)
     command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
-    from asyncdiff_partition.onnx.model import is_onnx_path
-
     if is_onnx_path(model_spec):
-        from asyncdiff_partition.onnx.profiler import profile_onnx
-
         result = profile_onnx(model_spec, device=device, threads=profile_threads, warmup=warmup, repeats=repeats,
                               command=command, batch=batch, size=size, latent=latent)
     else:
@@ -177,29 +186,36 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
          measure, model_spec, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
-    from asyncdiff_partition.api import compare_asyncdiff, measure_plan
-    from asyncdiff_partition.core.plan import format_plan, make_plan
-    from asyncdiff_partition.core.profile import Profile
-
     loaded = Profile.load(profile_path)
     options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
                    bandwidth_gbps=bandwidth, link_latency_ms=latency_ms)
     hand = [b for b in boundaries.split(",") if b.strip()] if boundaries else None
     result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
     result.save(out_path)
-    hand_plan = compare_asyncdiff(loaded, n_devices, **options) if compare else None
-    from asyncdiff_partition.onnx.model import is_onnx_path
-
-    if measure and is_onnx_path(model_spec or loaded.model):  # segments run by onnxruntime
-        from asyncdiff_partition.onnx.segments import measure_onnx_plan as measure_plan
-    measured = measure_plan(loaded, result, model_spec=model_spec) if measure else None
+    hand_plan = make_asyncdiff_plan(loaded, n_devices, **options) if compare else None
+    measure_plan = _plan_timer(model_spec or loaded.model) if measure else None
+    measured = measure_plan(loaded, result, model_spec=model_spec) if measure_plan else None
     click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)",
                            measured=measured))
     if hand_plan is not None:
         click.echo("")
-        hand_measured = measure_plan(loaded, hand_plan, model_spec=model_spec) if measure else None
+        hand_measured = measure_plan(loaded, hand_plan, model_spec=model_spec) if measure_plan else None
         click.echo(format_plan(hand_plan, title=f"AsyncDiff's hand split at N={n_devices}", measured=hand_measured))
     click.echo(f"wrote {out_path}")
+
+
+def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
+    """What times a plan's segments on this machine: onnxruntime for an .onnx model, else torch."""
+    # Note [light commands]: only `plan --measure` pays for these imports.
+    from asyncdiff_partition.onnx.model import is_onnx_path
+
+    if is_onnx_path(model_spec):
+        from asyncdiff_partition.onnx.segments import measure_onnx_plan
+
+        return measure_onnx_plan
+    from asyncdiff_partition.api import measure_plan
+
+    return measure_plan
 
 
 @main.command()
@@ -231,7 +247,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
     An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
-    from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan
+    from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan  # Note [light commands], as below
     from asyncdiff_partition.runtime.job import RunConfig, run_plan
     from asyncdiff_partition.runtime.report import format_run
 
@@ -262,7 +278,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 @user_errors
 def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
     """Write one ONNX model per segment of a plan, each checked against its segment on the example inputs."""
-    from asyncdiff_partition.onnx.export import MANIFEST, export_plan_onnx
+    from asyncdiff_partition.onnx.export import MANIFEST, export_plan_onnx  # Note [light commands]
 
     manifest = export_plan_onnx(plan_path, out_dir, model_spec=model_spec, opset=opset)
     for s in manifest["segments"]:
@@ -280,7 +296,7 @@ def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
 def demo(out_dir: str, steps: int) -> None:
     """The main job on the bundled digits model: capture, profile, plan for 2 devices, run it async
     on 2 processes beside the sequential model; writes comparison.png and prints speedup and fidelity."""
-    from asyncdiff_partition.api import run_demo
+    from asyncdiff_partition.demo import run_demo  # Note [light commands]
 
     run_demo(out_dir, steps=steps, echo=click.echo)
 
@@ -289,9 +305,9 @@ def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{option} expects comma-separated integers like 1,2; got {text!r}") from None
+        values = []
     if not values:
-        raise ValueError(f"{option} expects comma-separated integers like 1,2; got {text!r}")
+        raise ConfigError(f"{option} expects comma-separated integers like 1,2; got {text!r}")
     return values
 
 
@@ -313,7 +329,7 @@ def _int_list(text: str, option: str) -> list[int]:
 def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
-    from asyncdiff_partition.evaluation.evaluate import evaluate
+    from asyncdiff_partition.evaluation.evaluate import evaluate  # Note [light commands]
 
     result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,

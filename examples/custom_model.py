@@ -146,7 +146,7 @@ def main() -> None:
     """Capture the U-ViT through the Python API and print its op-graph summary."""
     import torch
 
-    from asyncdiff_partition.core.summary import format_summary, summarize
+    from asyncdiff_partition.core.summary import format_summary, summarize_model
     from asyncdiff_partition.fx.capture import capture_model
     from asyncdiff_partition.fx.opgraph import build_op_graph
 
@@ -155,7 +155,7 @@ def main() -> None:
     args, kwargs = example_inputs()
     captured = capture_model(model, args, kwargs)  # verified against eager on two inputs
     graph = build_op_graph(captured)
-    print(format_summary(summarize(captured, graph, model_name="U-ViT (examples/custom_model.py)")))
+    print(format_summary(summarize_model(captured, graph, model_name="U-ViT (examples/custom_model.py)")))
 
 
 if __name__ == "__main__":

@@ -207,3 +207,27 @@ def test_demo_writes_a_profile_a_plan_and_the_comparison(run, tmp_path):
     assert any(l.startswith("asynchronous, 2 processes") and l.count("x") >= 3 for l in lines)
     assert any(l.startswith("PSNR dB") for l in lines) and any(l.startswith("SSIM") for l in lines)
     assert f"wrote {out / 'comparison.png'}" in result.output
+
+
+def test_a_bug_keeps_its_traceback(run, profile_file, tmp_path, monkeypatch):
+    """Only AsyncDiffError and OSError are user mistakes; anything else is a bug, not an `error:` line."""
+    from asyncdiff_partition.cli import main as cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the partitioner")
+
+    monkeypatch.setattr(cli, "make_plan", broken)
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--out", str(tmp_path / "p.json"))
+    assert result.exit_code != 0
+    assert isinstance(result.exception, KeyError) and result.exc_info[2] is not None  # the traceback travels
+    assert "error:" not in result.output
+
+
+def test_an_os_error_is_one_line(run, profile_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--out", str(blocker / "p.json"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+

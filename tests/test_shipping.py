@@ -47,7 +47,7 @@ def test_each_segment_file_holds_only_its_weights(name, tmp_path):
         for key, t in segment.module.named_parameters():
             torch.testing.assert_close(own[key], t, rtol=0, atol=0)
         # ... every other weight of the model is a one-element stand-in of the right shape.
-        others = [p for n, p in loaded._signature_model.named_parameters()
+        others = [p for n, p in loaded.model.named_parameters()
                   if not any(p is q for q in own.values()) and p.numel() > 1]
         assert others and all(is_stand_in(p) for p in others)
 

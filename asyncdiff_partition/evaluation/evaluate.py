@@ -38,9 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, make_plan, module_boundaries
+from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
 from asyncdiff_partition.evaluation.metrics import frechet_distance, psnr, ssim
 from asyncdiff_partition.evaluation.report import (
     COLUMNS,
@@ -49,7 +53,14 @@ from asyncdiff_partition.evaluation.report import (
     format_markdown,
     write_fidelity,
 )
+from asyncdiff_partition.fx.capture import capture_model
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.fx.split import split_graph
 from asyncdiff_partition.pipelines import zoo
+from asyncdiff_partition.pipelines.digits import CONFIG, digits_scheduler
+from asyncdiff_partition.pipelines.wrap import denoise
+from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
 __all__ = ["COLUMNS", "EvalResult", "evaluate", "format_markdown", "hand_boundaries"]
 
@@ -110,13 +121,10 @@ def evaluate(
         An :class:`EvalResult`.
 
     Raises:
-        ValueError: empty or out-of-range settings, an unknown model.
+        ConfigError: empty or out-of-range settings.
+        UnknownModelError: an unknown model.
     """
     _check_settings(devices, strides, warmups, steps, images)
-    from asyncdiff_partition.fx.capture import capture_model
-    from asyncdiff_partition.fx.opgraph import build_op_graph
-    from asyncdiff_partition.fx.profiler import profile_model
-
     say = echo or (lambda _line: None)
     begin = time.perf_counter()
     name = model_spec or zoo.DEFAULT_MODEL
@@ -148,7 +156,7 @@ def evaluate(
             try:
                 hand = hand_boundaries(model, graph, n) if split == "hand" else None
                 segments = _segments(captured, graph, profile, n, hand)
-            except ValueError as error:
+            except AsyncDiffError as error:
                 rows.append({**base, "split": split, "n_devices": n, "note": f"skipped: {error}"})
                 say(f"  {split} N={n}: skipped ({error})")
                 continue
@@ -172,13 +180,13 @@ def evaluate(
 def _check_settings(devices: Sequence[int], strides: Sequence[int], warmups: Sequence[int], steps: int,
                     images: int) -> None:
     if not devices or any(n < 1 for n in devices):
-        raise ValueError(f"devices must be a non-empty list of N >= 1, got {list(devices)}")
+        raise ConfigError(f"devices must be a non-empty list of N >= 1, got {list(devices)}")
     if not strides or any(s not in (1, 2) for s in strides):
-        raise ValueError(f"strides must be 1 and/or 2, got {list(strides)}")
+        raise ConfigError(f"strides must be 1 and/or 2, got {list(strides)}")
     if not warmups or any(w < 0 for w in warmups):
-        raise ValueError(f"warmups must be a non-empty list of W >= 0, got {list(warmups)}")
+        raise ConfigError(f"warmups must be a non-empty list of W >= 0, got {list(warmups)}")
     if steps < 1 or images < 1:
-        raise ValueError(f"need steps >= 1 and images >= 1, got steps={steps}, images={images}")
+        raise ConfigError(f"need steps >= 1 and images >= 1, got steps={steps}, images={images}")
 
 
 def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, reference: np.ndarray,
@@ -189,9 +197,6 @@ def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, referen
     ``runs`` keeps the figures of every (S, W) sampled with these segments, so that a W that
     runs like another (W = 0 like W = 1, every W >= T alike) is sampled once.
     """
-    from asyncdiff_partition.core.plan import make_plan
-    from asyncdiff_partition.runtime.reference import ReferenceSchedule
-
     effective = max(warmup, 1)  # Note [what eval measures]: W = 0 runs as W = 1
     plan = make_plan(profile, n, stride=stride, warmup=effective, steps=steps, boundaries=hand)
     row: Row = {"split": split, "n_devices": n, "stride": stride, "warmup": warmup, "world_size": plan.world_size,
@@ -203,7 +208,7 @@ def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, referen
         try:
             schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride,
                                          timestep_input=sampler.timestep_input)
-        except ValueError as error:
+        except AsyncDiffError as error:
             return {**row, "note": f"skipped: {error}"}
         samples = sampler.run(schedule)
         runs[key] = {"psnr_db": float(np.mean([psnr(a, b) for a, b in zip(reference, samples)])),
@@ -213,9 +218,6 @@ def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, referen
 
 def _segments(captured: Any, graph: Any, profile: Any, n: int, hand: Sequence[str] | None) -> list[Any]:
     """The split modules of the auto (``hand`` None) or hand plan at N (the same for every S, W)."""
-    from asyncdiff_partition.core.plan import make_plan
-    from asyncdiff_partition.fx.split import split_graph
-
     return split_graph(captured, graph, make_plan(profile, n, boundaries=hand).boundaries)
 
 
@@ -230,14 +232,12 @@ def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[
     splits the block list evenly.
 
     Raises:
-        ValueError: fewer blocks than N.
+        ConfigError: fewer blocks than N.
     """
-    from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, module_boundaries
-
     config = getattr(model, "config", None) or {}
     sd21_like = (type(model).__name__ == "UNet2DConditionModel" and config.get("layers_per_block") == 2
-                 and tuple(config.get("down_block_types", ())) == zoo._SD_DOWN
-                 and tuple(config.get("up_block_types", ())) == zoo._SD_UP)
+                 and tuple(config.get("down_block_types", ())) == zoo.SD_DOWN_BLOCKS
+                 and tuple(config.get("up_block_types", ())) == zoo.SD_UP_BLOCKS)
     if sd21_like and n_devices in ASYNCDIFF_SD21_BOUNDARIES:
         return list(ASYNCDIFF_SD21_BOUNDARIES[n_devices])
     names = [f"{top}.{i}" for top, child in model.named_children() if isinstance(child, torch.nn.ModuleList)
@@ -251,7 +251,7 @@ def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[
             continue
     blocks = [block for _, block in sorted(placed)]
     if n_devices > len(blocks):
-        raise ValueError(f"a hand split cuts only between top-level blocks; this model has {len(blocks)} "
+        raise ConfigError(f"a hand split cuts only between top-level blocks; this model has {len(blocks)} "
                          f"({', '.join(blocks) or 'none'}), too few for N={n_devices}")
     return [blocks[int(j * len(blocks) / n_devices + 0.5)] for j in range(1, n_devices)]
 
@@ -278,8 +278,6 @@ class _Sampler:
 
     def run(self, denoiser: Any) -> np.ndarray:
         """Samples as float images in [0, 1], (batch, H, W, C); ``denoiser`` None = the unsplit graph."""
-        from asyncdiff_partition.pipelines.wrap import denoise
-
         names = [s.name for s in self.captured.inputs]
         if denoiser is None:
             graph = self.captured.graph_module
@@ -290,18 +288,14 @@ class _Sampler:
             x = denoise(denoiser, self.captured, scheduler=self.scheduler, latents=self.noise * self.scheduler.init_noise_sigma,
                         timesteps=self.scheduler.timesteps, cond=self.cond, timestep_input=self.timestep_input,
                         guidance_scale=self.guidance)
-        x = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
-        x = x.reshape(x.shape[0], -1, *x.shape[-3:])  # (batch, frames or 1, C, H, W)
-        return np.moveaxis(x, 2, -1).reshape(x.shape[0], -1, x.shape[-1], x.shape[2])
+        pixels = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
+        pixels = pixels.reshape(pixels.shape[0], -1, *pixels.shape[-3:])  # (batch, frames or 1, C, H, W)
+        return np.moveaxis(pixels, 2, -1).reshape(pixels.shape[0], -1, pixels.shape[-1], pixels.shape[2])
 
 
 def _scheduler(spec: str, model: torch.nn.Module) -> Any:
     """DDIM: the digits model's training betas, a pipeline directory's ``scheduler/``, else the defaults."""
-    import diffusers
-
     if _is_digits(model):
-        from asyncdiff_partition.pipelines.class_guided import digits_scheduler
-
         return digits_scheduler()
     folder = Path(spec) / "scheduler"
     if spec not in zoo.list_models() and (folder / "scheduler_config.json").is_file():
@@ -312,7 +306,7 @@ def _scheduler(spec: str, model: torch.nn.Module) -> Any:
 def _labels(model: torch.nn.Module, per_class: int) -> np.ndarray | None:
     """Class labels 0..C-2, each ``per_class`` times, for a class-conditional UNet; else None.
 
-    The last class embedding is the null class of classifier-free guidance (class_pipeline.py).
+    The last class embedding is the null class of classifier-free guidance (pipelines/class_guided.py).
     """
     classes = getattr(getattr(model, "config", None), "num_class_embeds", None)
     if not classes or classes < 2:
@@ -322,8 +316,6 @@ def _labels(model: torch.nn.Module, per_class: int) -> np.ndarray | None:
 
 def _is_digits(model: torch.nn.Module) -> bool:
     """A model shaped like the bundled digits model: 16 x 16, one channel, 10 classes + null."""
-    from asyncdiff_partition.pipelines.digits import CONFIG
-
     config = dict(getattr(model, "config", None) or {})
     return all(config.get(key) == CONFIG[key] for key in ("in_channels", "sample_size", "num_class_embeds"))
 
@@ -337,8 +329,6 @@ def _digit_metrics(model: torch.nn.Module, labels: np.ndarray | None,
     """
     if labels is None or not _is_digits(model):
         return (lambda _samples: {"class_accuracy": "", "frechet_distance": ""}), None
-    from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
-
     images, classes = real_digits()
     real = features(images)
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from asyncdiff_partition.core.files import write_atomic
 
 __all__ = ["COLUMNS", "ORACLE_NOTE", "describe_row", "format_markdown", "write_fidelity"]
 
@@ -82,35 +82,21 @@ def _csv_text(rows: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_fidelity(out: str | Path, rows: Sequence[Row], markdown: str) -> dict[str, Path]:
     """Write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png`` into ``out`` (each atomically)."""
     out = Path(out)
     text = _csv_text(rows)
-    return {"csv": _atomic(out / "fidelity.csv", lambda h: h.write(text), "w"),
-            "markdown": _atomic(out / "fidelity.md", lambda h: h.write(markdown), "w"),
-            "plot": _atomic(out / "fidelity.png", lambda h: _plot(rows, h), "wb")}
+    return {"csv": write_atomic(out / "fidelity.csv", text),
+            "markdown": write_atomic(out / "fidelity.md", markdown),
+            "plot": write_atomic(out / "fidelity.png", _plot(rows))}
 
 
-def _plot(rows: Sequence[Row], handle: Any) -> None:
-    """PSNR, SSIM (and for digits class accuracy and Fréchet distance) against predicted speedup."""
-    import matplotlib
+def _plot(rows: Sequence[Row]) -> bytes:
+    """PSNR, SSIM (and for digits class accuracy and Fréchet distance) against predicted speedup, as PNG."""
+    import matplotlib  # heavy (about a second): only `eval` pays for it, not the import of this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     done = [r for r in rows if "psnr_db" in r]
     panels = [("psnr_db", "PSNR vs sequential (dB)"), ("ssim", "SSIM vs sequential")]
@@ -150,5 +136,7 @@ def _plot(rows: Sequence[Row], handle: Any) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{done[0]['model']}: fidelity vs speedup, T={done[0]['steps']}" if done else "fidelity", fontsize=9)
     fig.tight_layout()
-    fig.savefig(handle, format="png", dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    return png.getvalue()

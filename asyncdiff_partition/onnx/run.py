@@ -192,7 +192,7 @@ def _reference(config: RunConfig, model: OnnxModel, plan: Plan, *, steps: int, w
 
 
 def _write_outputs(config: RunConfig, meta: dict[str, Any], results: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    from asyncdiff_partition.runtime.report import summarise, write_report, write_trace
+    from asyncdiff_partition.runtime.report import summarize_steps, write_report, write_trace
 
     first = results[min(results)]
     if first["rank"] != 0:
@@ -206,7 +206,7 @@ def _write_outputs(config: RunConfig, meta: dict[str, Any], results: Mapping[int
     report = write_report(out / "report.json", rows, meta)
     trace = write_trace(config.trace, {rank: r["spans"] for rank, r in results.items()}) if config.trace else None
     return {"latent": str(latent), "images": [], "report": str(report), "trace": str(trace) if trace else None,
-            "summary": summarise(rows, warmup=meta["warmup"]), "wall_s": meta["wall_s"]}
+            "summary": summarize_steps(rows, warmup=meta["warmup"]), "wall_s": meta["wall_s"]}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> Path:

@@ -29,9 +29,19 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from asyncdiff_partition.fx.capture import CapturedModel, InputSpec
+from asyncdiff_partition.core.errors import UnsupportedError, UsageError
+from asyncdiff_partition.fx.capture import CallError, CapturedModel, InputSpec
 
-__all__ = ["DenoiserOutput", "ScheduledDenoiser", "denoise", "fit_inputs", "unwrap_pipeline", "wrap_pipeline"]
+__all__ = [
+    "DenoiserOutput",
+    "ScheduledDenoiser",
+    "denoise",
+    "denoiser_attr",
+    "fit_inputs",
+    "takes_argument",
+    "unwrap_pipeline",
+    "wrap_pipeline",
+]
 
 Inputs = dict[str, Tensor]  # model inputs by captured placeholder name
 
@@ -59,14 +69,14 @@ def fit_inputs(captured: CapturedModel, tensors: Sequence[Tensor]) -> Inputs:
     dtypes are cast to the captured ones. Any other shape difference is an error.
 
     Raises:
-        ValueError: a tensor's shape differs from the captured one (the latent, most often).
+        CallError: a tensor's shape differs from the captured one (the latent, most often).
     """
     out: Inputs = {}
     for spec, t in zip(captured.inputs, tensors):
         t = torch.as_tensor(t)
         if tuple(t.shape) != spec.shape:
             if t.numel() != 1:
-                raise ValueError(_shape_error(captured, spec, tuple(t.shape)))
+                raise CallError(_shape_error(captured, spec, tuple(t.shape)))
             t = t.reshape(()).expand(spec.shape)
         dtype = getattr(torch, spec.dtype)
         out[spec.name] = t if t.dtype == dtype else t.to(dtype)
@@ -90,26 +100,26 @@ def _bind_call(model: Any, captured: CapturedModel, args: tuple, kwargs: dict) -
     ``cross_attention_kwargs=None``): those are dropped, so the call has the captured structure.
     """
     kwargs.pop("return_dict", None)
-    captured_names = set(captured._treespec.context or ()) if captured._treespec is not None else set()
+    captured_names = set(captured.treespec.context or ()) if captured.treespec is not None else set()
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs).arguments
     except TypeError as error:
-        raise ValueError(f"the pipeline's call does not fit {type(model).__name__}.forward: {error}") from None
+        raise CallError(f"the pipeline's call does not fit {type(model).__name__}.forward: {error}") from None
     call: dict[str, Any] = {}
     for name, value in bound.items():
         param = signature.parameters[name]
         if param.kind == param.VAR_KEYWORD:
             call.update(value)
         elif param.kind == param.VAR_POSITIONAL:
-            raise ValueError(f"{type(model).__name__}.forward takes *{name}; call it with named arguments")
+            raise CallError(f"{type(model).__name__}.forward takes *{name}; call it with named arguments")
         elif name in captured_names or not (value is param.default or (value is None and param.default is None)):
             call[name] = value
     try:
         return captured.flatten(**call)
-    except ValueError as error:
+    except CallError as error:
         captured_paths = [spec.path for spec in captured.inputs]
-        raise ValueError(
+        raise CallError(
             f"{error}; this call passed {sorted(call)}, the captured call had tensors {captured_paths}"
         ) from None
 
@@ -153,7 +163,7 @@ class ScheduledDenoiser(torch.nn.Module):
         timesteps: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
-        original = original if original is not None else captured._signature_model
+        original = original if original is not None else captured.model
         param = next(original.parameters(), None) if isinstance(original, torch.nn.Module) else None
         # object.__setattr__: neither is a sub-module (see the class docstring).
         object.__setattr__(self, "original", original)
@@ -207,7 +217,7 @@ class ScheduledDenoiser(torch.nn.Module):
     def _maybe_reset(self) -> None:
         if self._timesteps is None:
             if self._run is None:
-                raise RuntimeError("ScheduledDenoiser has no timesteps source: call .reset(timesteps) before a run")
+                raise UsageError("ScheduledDenoiser has no timesteps source: call .reset(timesteps) before a run")
             if self.step >= len(self._steps):
                 self.reset(self._run)
             return
@@ -241,9 +251,9 @@ def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel) -> Any:
         >>> wrap_pipeline(pipe, ReferenceSchedule(segments, warmup=50), captured)  # doctest: +SKIP
 
     Raises:
-        TypeError: the pipeline has neither a ``unet`` nor a ``transformer`` module.
+        UnsupportedError: the pipeline has neither a ``unet`` nor a ``transformer`` module.
     """
-    name = _denoiser_attr(pipe)
+    name = denoiser_attr(pipe)
     original = getattr(pipe, name)
     if isinstance(original, ScheduledDenoiser):
         original = original.original
@@ -253,18 +263,19 @@ def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel) -> Any:
 
 def unwrap_pipeline(pipe: Any) -> Any:
     """Undo :func:`wrap_pipeline`: the original denoiser back in place; returns ``pipe``."""
-    name = _denoiser_attr(pipe)
+    name = denoiser_attr(pipe)
     current = getattr(pipe, name)
     if isinstance(current, ScheduledDenoiser):
         setattr(pipe, name, current.original)
     return pipe
 
 
-def _denoiser_attr(pipe: Any) -> str:
+def denoiser_attr(pipe: Any) -> str:
+    """The name of the pipeline's denoiser attribute (``unet`` or ``transformer``)."""
     for name in _DENOISER_ATTRS:
         if isinstance(getattr(pipe, name, None), torch.nn.Module):
             return name
-    raise TypeError(f"{type(pipe).__name__} has neither a 'unet' nor a 'transformer' module to replace")
+    raise UnsupportedError(f"{type(pipe).__name__} has neither a 'unet' nor a 'transformer' module to replace")
 
 
 # --- custom loops -----------------------------------------------------------------------------
@@ -323,19 +334,19 @@ def denoise(
         The final latent ``x_0``.
 
     Raises:
-        ValueError: inputs missing or unknown, or shapes that differ from the captured ones.
+        CallError: inputs missing or unknown, or shapes that differ from the captured ones.
     """
     names = [spec.name for spec in captured.inputs]
     latent = captured.latent.name
     expected = set(names) - {latent, timestep_input}
     if timestep_input not in names:
-        raise ValueError(f"timestep_input {timestep_input!r} is not a captured input; inputs: {names}")
+        raise CallError(f"timestep_input {timestep_input!r} is not a captured input; inputs: {names}")
     if set(cond) != expected:
-        raise ValueError(
+        raise CallError(
             f"cond must hold exactly the inputs {sorted(expected)} (by placeholder name); got {sorted(cond)}"
         )
     cfg = guidance_scale is not None and guidance_scale > 1
-    step_kwargs = {"generator": generator} if generator is not None and _takes(scheduler.step, "generator") else {}
+    step_kwargs = {"generator": generator} if generator is not None and takes_argument(scheduler.step, "generator") else {}
     steps = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
     if hasattr(denoiser, "reset"):
         denoiser.reset(steps)
@@ -349,11 +360,13 @@ def denoise(
         if eps.shape[1] == 2 * x.shape[1]:  # learned variance (DiT): keep the noise half
             eps = eps[:, : x.shape[1]]
         if cfg:
+            assert guidance_scale is not None  # cfg says so
             uncond, text = eps.chunk(2)
             eps = uncond + guidance_scale * (text - uncond)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
 
 
-def _takes(fn: Callable[..., Any], name: str) -> bool:
+def takes_argument(fn: Callable[..., Any], name: str) -> bool:
+    """True if ``fn`` has a parameter called ``name`` (e.g. a scheduler's ``step`` taking ``generator``)."""
     return name in inspect.signature(fn).parameters

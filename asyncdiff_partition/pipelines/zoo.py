@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError, UnsupportedError
+from asyncdiff_partition.pipelines.digits import load_digits_model
 
 Config = dict[str, Any]
 
@@ -37,14 +39,14 @@ Config = dict[str, Any]
 # stabilityai/stable-diffusion-xl-base-1.0, all unet/config.json); keys left out equal the
 # diffusers defaults, which those files also hold.
 
-_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
 _CONFIGS: dict[str, tuple[str, Config]] = {
     # --- tiny: for tests and demos -------------------------------------------------------
     "tiny-unet2d-condition": ("UNet2DConditionModel", dict(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 32, 64, 64), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        block_out_channels=(32, 32, 64, 64), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
         norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4),
         use_linear_projection=True,
     )),
@@ -71,14 +73,14 @@ _CONFIGS: dict[str, tuple[str, Config]] = {
     # --- full size: published architectures, random weights --------------------------------
     "sd15-unet": ("UNet2DConditionModel", dict(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
         act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768,
         attention_head_dim=8, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
         mid_block_scale_factor=1,
     )),
     "sd21-unet": ("UNet2DConditionModel", dict(  # 2.1-base (512 px); 2.1 (768 px) adds upcast
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
         act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024,
         attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, downsample_padding=1,
         flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
@@ -130,6 +132,10 @@ class UnknownModelError(AsyncDiffError, ValueError):
     """A model spec that is neither a zoo name nor a local directory."""
 
 
+class ModelFolderError(AsyncDiffError, ValueError):
+    """A local model or pipeline directory that is missing or holds no loadable diffusers model."""
+
+
 def list_models() -> list[str]:
     """All zoo names: the trained model first, then the tiny ones, then the full-size ones."""
     return [*TRAINED_MODELS, *_CONFIGS]
@@ -153,13 +159,9 @@ def build_model(name: str, *, seed: int = 0) -> torch.nn.Module:
         UnknownModelError: ``name`` is not in :func:`list_models`.
     """
     if name in TRAINED_MODELS:
-        from asyncdiff_partition.pipelines.digits import load_digits_model
-
         return load_digits_model()
     if name not in _CONFIGS:
         raise _unknown(name)
-    import diffusers
-
     class_name, config = _CONFIGS[name]
     torch.manual_seed(seed)
     model = getattr(diffusers, class_name)(**config)
@@ -179,50 +181,73 @@ def load_model(spec: str, *, seed: int = 0) -> torch.nn.Module:
 
     Raises:
         UnknownModelError: ``spec`` is neither a zoo name nor a path.
-        ValueError: the path is missing or holds no loadable model.
+        ModelFolderError: the path is missing or holds no loadable model.
     """
     if spec in _CONFIGS or spec in TRAINED_MODELS:
         return build_model(spec, seed=seed)
     path = Path(spec).expanduser()
     if not path.exists():
         if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
-            raise ValueError(
+            raise ModelFolderError(
                 f"model directory {spec!r} does not exist; pass a zoo name "
                 f"({', '.join(list_models())}) or a local diffusers model or pipeline directory "
                 "(hub ids are not downloaded)"
             )
         raise _unknown(spec)
     if not path.is_dir():
-        raise ValueError(f"{spec!r} is a file; expected a diffusers model or pipeline directory")
+        raise ModelFolderError(f"{spec!r} is a file; expected a diffusers model or pipeline directory")
     if (path / "config.json").is_file():
         return _load_model_folder(path)
     if (path / "model_index.json").is_file():
         for sub in ("unet", "transformer"):
             if (path / sub / "config.json").is_file():
                 return _load_model_folder(path / sub)
-        raise ValueError(
+        raise ModelFolderError(
             f"pipeline directory {str(path)!r} has no unet/ or transformer/ sub-folder with a "
             "config.json; expected the denoiser in one of those"
         )
-    raise ValueError(
+    raise ModelFolderError(
         f"directory {str(path)!r} has neither config.json nor model_index.json; expected a "
         "diffusers model folder (config.json) or pipeline folder (model_index.json)"
     )
 
 
 def _load_model_folder(path: Path) -> torch.nn.Module:
-    import diffusers
-
     config = json.loads((path / "config.json").read_text())
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    cls: Any = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ValueError(
+        raise ModelFolderError(
             f"{str(path / 'config.json')!r} names _class_name={class_name!r}, which is not a "
             "diffusers model class; expected e.g. UNet2DConditionModel"
         )
-    model = cls.from_pretrained(str(path), local_files_only=True)
+    loader: Any = cls  # a diffusers ModelMixin subclass
+    model = loader.from_pretrained(str(path), local_files_only=True)
     return model.float().eval()
+
+
+def check_sample_size(model: torch.nn.Module, size: int) -> None:
+    """Reject latent sizes the model's down-sampling or patching cannot divide.
+
+    Raises:
+        ConfigError: ``size`` is not positive or not a multiple of the model's down-sampling factor.
+    """
+    config = getattr(model, "config", None)
+    if size < 1:
+        raise ConfigError(f"latent size must be positive, got {size}")
+    if config is None:
+        return
+    factor = 1
+    if "block_out_channels" in config and "down_block_types" in config:
+        factor = 2 ** (len(config["down_block_types"]) - 1)
+    elif config.get("patch_size"):
+        factor = int(config["patch_size"])
+    if size % factor:
+        lower = max(factor, size - size % factor)
+        raise ConfigError(
+            f"latent size {size} does not fit {type(model).__name__}: it must be a multiple of "
+            f"{factor}; try {lower} or {lower + factor}"
+        )
 
 
 def example_inputs(
@@ -231,21 +256,21 @@ def example_inputs(
     """Random inputs of the right shapes and dtypes for a diffusers denoiser.
 
     Args:
-        model: one of the supported diffusers classes (see the TypeError below).
+        model: one of the supported diffusers classes (see Raises).
         batch: batch size; 2 is one classifier-free-guidance pair.
         sample_size: latent height and width; defaults to ``model.config.sample_size``.
         seed: seed of the torch.Generator that draws every input.
 
     Raises:
-        TypeError: the model's class is not supported.
+        UnsupportedError: the model's class is not supported (a TypeError).
     """
     kind = type(model).__name__
     if kind not in _SUPPORTED:
-        raise TypeError(
+        raise UnsupportedError(
             f"example_inputs supports {', '.join(_SUPPORTED)}, not {kind}; "
             "capture a custom model with capture_model(model, args, kwargs) directly"
         )
-    cfg = model.config
+    cfg: Any = model.config  # a diffusers FrozenDict read by attribute
     size = sample_size if sample_size is not None else cfg.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     param = next(model.parameters())
@@ -276,7 +301,7 @@ def example_inputs(
                 "time_ids": ids.expand(batch, -1).to(param),
             }
         elif cfg.addition_embed_type is not None:
-            raise TypeError(
+            raise UnsupportedError(
                 f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} is not "
                 "supported (only None and 'text_time'); pass inputs to capture_model(model, args, kwargs)"
             )
@@ -327,7 +352,7 @@ def _class_labels(cfg: Any, batch: int, randint: Any, randn: Any) -> torch.Tenso
         return randint(1000)
     if embed_type in ("projection", "simple_projection"):
         return randn(batch, cfg.projection_class_embeddings_input_dim)
-    raise TypeError(
+    raise UnsupportedError(
         f"class_embed_type={embed_type!r} is not supported by example_inputs; pass inputs to "
         "capture_model(model, args, kwargs) directly"
     )

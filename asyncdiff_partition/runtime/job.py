@@ -23,11 +23,12 @@ from typing import Any
 import torch
 import torch.fx
 
+from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.shipping import ShippedSegments
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
-from asyncdiff_partition.pipelines.wrap import _denoiser_attr, wrap_pipeline
+from asyncdiff_partition.pipelines.wrap import denoiser_attr, wrap_pipeline
 from asyncdiff_partition.runtime.report import peak_resident_bytes, resident_bytes
 
 __all__ = ["RunConfig", "default_guidance", "plan_input_shapes", "release_weights", "run_plan", "run_worker"]
@@ -113,7 +114,7 @@ def _prepare(
     from asyncdiff_partition.runtime.denoiser import check_plan
 
     batch, size, source = _latent_shape(plan, config.plan)
-    model = captured._signature_model if captured is not None else None
+    model = captured.model if captured is not None else None
     built = build_pipeline(config.model, seed=config.seed, sample_size=size, model=model)
     built.pipe.to(device)  # before a capture: the graph's constants live where the model does
     images = built.images_for_batch(batch, config.guidance)
@@ -211,7 +212,7 @@ def _sample(config: RunConfig, built: BuiltPipeline, denoiser: Any, *, rank: int
     with torch.no_grad():
         pictures = built(steps=steps, guidance_scale=config.guidance, images=images)
     wall_s = time.perf_counter() - begin
-    wrapped = getattr(built.pipe, _denoiser_attr(built.pipe))
+    wrapped = getattr(built.pipe, denoiser_attr(built.pipe))
     paths: list[str] = []
     if rank == 0:
         out = Path(config.out_dir)
@@ -259,7 +260,7 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
         config = replace(config, guidance=default_guidance(config.model))
     steps, warmup, stride, world = _settings(config, plan)
     if not config.reference and config.nproc is not None and config.nproc != world:
-        raise ValueError(
+        raise ConfigError(
             f"the plan needs {world} processes ({plan.n_devices} segments, stride {stride}) but --nproc is "
             f"{config.nproc}; leave --nproc out or make a plan with --devices {config.nproc - stride + 1}"
         )
@@ -304,7 +305,7 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
 
 def _write_outputs(config: RunConfig, meta: dict[str, Any], results: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """Rank 0: the run report (and trace) from every reported rank's results."""
-    from asyncdiff_partition.runtime.report import summarise, write_report, write_trace
+    from asyncdiff_partition.runtime.report import summarize_steps, write_report, write_trace
 
     first = results[min(results)]
     if first["rank"] != 0:  # launched from outside, not rank 0: rank 0 writes
@@ -319,4 +320,4 @@ def _write_outputs(config: RunConfig, meta: dict[str, Any], results: Mapping[int
     report = write_report(Path(config.out_dir) / "report.json", rows, meta)
     trace = write_trace(config.trace, {rank: r["spans"] for rank, r in results.items()}) if config.trace else None
     return {"images": first["images"], "report": str(report), "trace": str(trace) if trace else None,
-            "summary": summarise(rows, warmup=meta["warmup"]), "wall_s": meta["wall_s"]}
+            "summary": summarize_steps(rows, warmup=meta["warmup"]), "wall_s": meta["wall_s"]}

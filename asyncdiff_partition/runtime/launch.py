@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.files import write_json_atomic
 from asyncdiff_partition.runtime import comm
 
 __all__ = ["LaunchError", "is_launched_externally", "launch"]
@@ -75,16 +76,16 @@ def launch(
         Global rank -> the entrypoint's return value, for this node's workers.
 
     Raises:
-        ValueError: bad arguments.
+        ConfigError: bad arguments.
         LaunchError: a worker failed.
     """
     if nproc < 1 or nnodes < 1:
-        raise ValueError(f"need nproc >= 1 and nnodes >= 1, got nproc={nproc}, nnodes={nnodes}")
+        raise ConfigError(f"need nproc >= 1 and nnodes >= 1, got nproc={nproc}, nnodes={nnodes}")
     host, _, port = rdzv_endpoint.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"rdzv_endpoint must be host:port, got {rdzv_endpoint!r}")
+        raise ConfigError(f"rdzv_endpoint must be host:port, got {rdzv_endpoint!r}")
     if nnodes > 1 and (port == "0" or rdzv_id is None):
-        raise ValueError("with several nodes, give every node the same rdzv_endpoint with a fixed port and the same rdzv_id")
+        raise ConfigError("with several nodes, give every node the same rdzv_endpoint with a fixed port and the same rdzv_id")
     if port == "0":
         port = str(_free_port(host))
     errors = tempfile.mkdtemp(prefix="asyncdiff-launch-")
@@ -109,9 +110,7 @@ def _worker(entrypoint: Callable[..., Any], args: tuple, errors: str, timeout_s:
         record = {"rank": rank, "error": f"{type(error).__name__}: {' '.join(str(error).split())}",
                   "time": time.time(), "peer": isinstance(error, comm.PeerError)}
         path = os.path.join(errors, f"rank{rank}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as file:
-            json.dump(record, file)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, record)
         raise
     comm.shutdown()
     return result

@@ -8,6 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
+from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.evaluation.evaluate import COLUMNS, evaluate, hand_boundaries
 
 
@@ -57,14 +58,14 @@ def test_hand_boundaries():
     dit, _ = tiny("tiny-dit")  # six transformer blocks, split evenly
     graph = build_op_graph(tiny_captured("tiny-dit"))
     assert hand_boundaries(dit, graph, 3) == ["transformer_blocks.2", "transformer_blocks.4"]
-    with pytest.raises(ValueError, match="too few for N=7"):
+    with pytest.raises(ConfigError, match="too few for N=7"):
         hand_boundaries(dit, graph, 7)
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="strides must be 1 and/or 2"):
+    with pytest.raises(ConfigError, match="strides must be 1 and/or 2"):
         evaluate("tiny-unet2d", strides=(3,))
-    with pytest.raises(ValueError, match="devices"):
+    with pytest.raises(ConfigError, match="devices"):
         evaluate("tiny-unet2d", devices=())
 
 
