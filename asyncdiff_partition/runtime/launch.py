@@ -153,8 +153,6 @@ def launch(
         raise ValueError("with several nodes, give every node the same rdzv_endpoint with a fixed port and the same rdzv_id")
     if port == "0":
         port = str(_free_port(host))
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
     folder = tempfile.mkdtemp(prefix="asyncdiff-launch-")
     watchdog = _Watchdog(folder)
     handlers = {sig: signal.getsignal(sig) for sig in (*_SIGNALS, signal.SIGHUP, signal.SIGQUIT)}
@@ -168,12 +166,14 @@ def launch(
                 _worker, (entrypoint, tuple(args), folder, float(timeout_s)), nproc=nproc, nnodes=nnodes,
                 endpoint=f"{host}:{port}", run_id=rdzv_id or uuid.uuid4().hex, start_method=start_method,
             )
-    except SignalException as signalled:
-        _end_partial_line()
-        raise Interrupted(signalled.sigval) from None
     except comm.WorkersFailed as failed:
         _end_partial_line()
         raise _launch_error(failed.failures, folder, watchdog.killed) from None
+    except Exception as error:  # the agent's SignalException (Note [signals]), known by its sigval
+        if getattr(error, "sigval", None) is None:
+            raise
+        _end_partial_line()
+        raise Interrupted(error.sigval) from None  # type: ignore[attr-defined]
     finally:
         watchdog.stop()
         if threading.current_thread() is threading.main_thread():
