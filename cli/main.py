@@ -239,23 +239,39 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
 @click.option("--reference", is_flag=True,
               help="Run the single-process reference schedule instead of the ranks.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds a rank waits for another before giving up.")
+              help="Seconds a rank waits for another before giving up; a rank that stops answering ends "
+              "the run within this + a few seconds.")
+@click.option("--oversubscribe", is_flag=True,
+              help="Start more ranks than there are devices (GPUs, or CPU cores for CPU ranks).")
 @click.pass_context
 @user_errors
 def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
-        timeout_s) -> None:
+        timeout_s, oversubscribe) -> None:
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
-    An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
-    from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan  # Note [light commands], as below
-    from asyncdiff_partition.runtime.job import RunConfig, run_plan
-    from asyncdiff_partition.runtime.report import format_run
+    An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy.
+    Ctrl-C or SIGTERM ends every rank and exits with status 130 or 143."""
+    from asyncdiff_partition.runtime.launch import DEBUG_ENV, Interrupted, handle_interrupts
 
-    config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
-                       stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
-                       trace=trace_path, reference=reference, nproc=nproc,
-                       threads=ctx.parent.params.get("threads"), timeout_s=timeout_s)
-    result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
+    if ctx.obj.get("debug"):
+        os.environ[DEBUG_ENV] = "1"  # the ranks and the launcher keep torch's logs and warnings
+    try:
+        with handle_interrupts():
+            from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan  # Note [light commands]
+            from asyncdiff_partition.runtime.job import RunConfig, run_plan
+            from asyncdiff_partition.runtime.report import format_run
+
+            config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
+                               stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
+                               trace=trace_path, reference=reference, nproc=nproc,
+                               threads=ctx.parent.params.get("threads"), timeout_s=timeout_s,
+                               oversubscribe=oversubscribe)
+            result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
+    except (Interrupted, KeyboardInterrupt) as interrupted:
+        if ctx.obj.get("debug"):
+            raise
+        click.echo("error: interrupted", err=True)
+        sys.exit(getattr(interrupted, "exit_code", 130))
     if result["report"] is None:  # a rank other than 0 of an outside launch
         return
     click.echo(format_run(result["summary"], wall_s=result["wall_s"]))

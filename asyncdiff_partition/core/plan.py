@@ -129,14 +129,23 @@ class Plan:
 
         Raises:
             FileFormatError: missing, corrupt, truncated, not a plan, unknown version.
-            PlanError: malformed content, or made for another model.
+            PlanError: a field breaks a rule of :mod:`~asyncdiff_partition.core.validation` (the
+                message names the file and the field), or the plan was made for another model.
         """
+        from dataclasses import MISSING, fields
+
+        from asyncdiff_partition.core.validation import FieldError, validate_plan
+
         data = read_json(path, kind="plan", schema_version=SCHEMA_VERSION, fix=_REMAKE)
+        own = fields(cls)
         try:
-            data["segments"] = [SegmentPlan(**s) for s in data["segments"]]
-            plan = cls(**data)
-        except (TypeError, KeyError) as error:
-            raise PlanError(f"plan file {str(path)!r} is malformed ({error}); {_REMAKE}") from None
+            validate_plan(data, path, fields=[f.name for f in own], segment_fields=[f.name for f in fields(SegmentPlan)],
+                          required=[f.name for f in own if f.default is MISSING and f.default_factory is MISSING],
+                          fix=_REMAKE)
+        except FieldError as error:
+            raise PlanError(str(error)) from None
+        data["segments"] = [SegmentPlan(**s) for s in data["segments"]]
+        plan = cls(**data)
         if fingerprint is not None:
             plan.check_model(fingerprint)
         return plan

@@ -92,16 +92,24 @@ class Profile:
 
         Raises:
             FileFormatError: missing, corrupt, truncated, not a profile, or unknown version.
+            ProfileError: a field breaks a rule of :mod:`~asyncdiff_partition.core.validation` (the
+                message names the file and the field).
         """
+        from dataclasses import MISSING, fields
+
+        from asyncdiff_partition.core.graph import NODE_KINDS
+        from asyncdiff_partition.core.validation import FieldError, validate_profile
+
         data = read_json(path, kind="profile", schema_version=SCHEMA_VERSION, fix=_REMAKE)
+        own = fields(cls)
         try:
+            validate_profile(data, path, fields=[f.name for f in own], node_kinds=NODE_KINDS, fix=_REMAKE,
+                             required=[f.name for f in own if f.default is MISSING and f.default_factory is MISSING])
             profile = cls(**data)
             OpGraph.from_dict(profile.graph)
-        except (TypeError, KeyError, ValueError) as error:
-            raise ProfileError(f"profile file {str(path)!r} is malformed ({error}); {_REMAKE}") from None
-        if len(profile.costs) != len(profile.graph["nodes"]):
-            raise ProfileError(f"profile file {str(path)!r} has {len(profile.costs)} costs for "
-                               f"{len(profile.graph['nodes'])} nodes; {_REMAKE}")
+        except (FieldError, ValueError) as error:  # GraphError is a ValueError
+            raise ProfileError(f"{error}" if isinstance(error, FieldError) else
+                               f"profile file {str(path)!r} has an invalid graph ({error}); {_REMAKE}") from None
         return profile
 
 

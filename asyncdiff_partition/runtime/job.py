@@ -59,6 +59,7 @@ class RunConfig:
     threads: int | None = None
     timeout_s: float = 300.0
     progress: bool = True
+    oversubscribe: bool = False  # start more ranks than devices (runtime.preflight)
 
 
 def plan_input_shapes(plan: Any, plan_path: str | Path | None = None) -> list[dict[str, Any]] | None:
@@ -264,19 +265,26 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
             f"the plan needs {world} processes ({plan.n_devices} segments, stride {stride}) but --nproc is "
             f"{config.nproc}; leave --nproc out or make a plan with --devices {config.nproc - stride + 1}"
         )
+    from asyncdiff_partition.runtime.preflight import check_run
+
+    check_run(config, plan, world)  # devices, temp space, --out: before any capture or rank
     built, captured, images = _prepare(config, plan, verify=True, world=world, stride=stride)
+    from asyncdiff_partition.core.validation import check_plan_graph
+    from asyncdiff_partition.fx.opgraph import build_op_graph
+
+    graph = build_op_graph(captured)
+    check_plan_graph(plan, graph, config.plan)  # boundaries and receives fit this model's graph
     meta = {"model": config.model, "plan": str(config.plan), "mode": "reference" if config.reference else "async",
             "n_devices": plan.n_devices, "stride": stride, "world_size": 1 if config.reference else world,
             "steps": steps, "warmup": warmup, "guidance": config.guidance, "seed": config.seed, "images": images,
             "boundaries": plan.boundaries, "predicted": plan.predicted,
             "ideal_speedup": ideal_speedup(steps, warmup, plan.n_devices, stride)}
-    from asyncdiff_partition.fx.opgraph import build_op_graph
     from asyncdiff_partition.fx.split import split_graph
 
     if config.reference:
         from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
-        segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+        segments = split_graph(captured, graph, plan.boundaries)
         schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input="timestep")
         wrap_pipeline(built.pipe, schedule, captured)
         results = {0: {**_sample(config, built, schedule, rank=0, steps=steps, images=images),
@@ -296,7 +304,7 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
             # The workers get this capture, each with only its segment's weights: no capture per
             # rank, the same graph everywhere, no full replica in any worker.
             with tempfile.TemporaryDirectory(prefix="asyncdiff-run-") as directory:
-                segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+                segments = split_graph(captured, graph, plan.boundaries)
                 shipped = ship_segments(captured, segments, directory)
                 del segments
                 results = launch(run_worker, (worker_config, shipped), world, timeout_s=config.timeout_s)
