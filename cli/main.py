@@ -231,7 +231,6 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
     An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
-    from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan
     from asyncdiff_partition.runtime.job import RunConfig, run_plan
     from asyncdiff_partition.runtime.report import format_run
 
@@ -239,7 +238,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
                        stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
                        trace=trace_path, reference=reference, nproc=nproc,
                        threads=ctx.parent.params.get("threads"), timeout_s=timeout_s)
-    result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
+    result = run_plan(config)  # the ONNX backend for an .onnx model or a plan of one
     if result["report"] is None:  # a rank other than 0 of an outside launch
         return
     click.echo(format_run(result["summary"], wall_s=result["wall_s"]))

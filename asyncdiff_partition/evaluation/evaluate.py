@@ -213,10 +213,11 @@ def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, referen
 
 def _segments(captured: Any, graph: Any, profile: Any, n: int, hand: Sequence[str] | None) -> list[Any]:
     """The split modules of the auto (``hand`` None) or hand plan at N (the same for every S, W)."""
+    from asyncdiff_partition.core.placement import place
     from asyncdiff_partition.core.plan import make_plan
     from asyncdiff_partition.fx.split import split_graph
 
-    return split_graph(captured, graph, make_plan(profile, n, boundaries=hand).boundaries)
+    return split_graph(captured, place(graph, make_plan(profile, n, boundaries=hand).boundaries))
 
 
 def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[str]:

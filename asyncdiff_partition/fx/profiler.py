@@ -208,9 +208,10 @@ def time_segments(
     The segments are split from ``captured`` at ``boundaries`` (a plan's), run once in order to
     obtain every received value, then each is timed by itself.
     """
+    from asyncdiff_partition.core.placement import place
     from asyncdiff_partition.fx.split import split_graph
 
-    segments = split_graph(captured, build_op_graph(captured), boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), boundaries))
     inputs = dict(zip((s.name for s in captured.inputs), captured.example))
     with torch.no_grad():
         return time_each_segment(segments, inputs, warmup=warmup, repeats=repeats)

@@ -32,6 +32,7 @@ __all__ = [
     "TIMEOUT_ENV",
     "PeerError",
     "WorkersFailed",
+    "all_gather_object",
     "barrier",
     "broadcast",
     "device",
@@ -167,6 +168,28 @@ def barrier(what: str = "barrier") -> None:
     token = torch.zeros(1, device=device())
     work = _call(what, dist.all_reduce, token, async_op=True)
     wait([work], f"{what} (all ranks)")
+
+
+def all_gather_object(obj: Any, what: str = "all-gather", timeout: float | None = None) -> list[Any]:
+    """Every rank's ``obj`` (small and picklable), in rank order (bounded by the timeout).
+
+    Each rank's pickle travels as a byte tensor: lengths first, then the padded bytes, so that
+    every wait is one of :func:`wait`'s.
+    """
+    import pickle
+
+    if world_size() == 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device())
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device()) for _ in range(world_size())]
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device())
+    wait([_call(what, dist.all_gather, sizes, size, async_op=True)], f"{what} (sizes)", timeout)
+    longest = int(max(int(t.item()) for t in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device())
+    padded[: data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device()) for _ in range(world_size())]
+    wait([_call(what, dist.all_gather, gathered, padded, async_op=True)], what, timeout)
+    return [pickle.loads(bytes(t[: int(n.item())].cpu().tolist())) for t, n in zip(gathered, sizes)]
 
 
 class WorkersFailed(AsyncDiffError, RuntimeError):
