@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_captured, tiny_profile
 
+from asyncdiff_partition.core import counters
 from asyncdiff_partition.core.plan import make_plan
 from asyncdiff_partition.core.profile import fingerprint
 from asyncdiff_partition.fx.opgraph import build_op_graph
-from asyncdiff_partition.core import counters
 from asyncdiff_partition.fx.ready import ready_segments
 from asyncdiff_partition.fx.shipping import is_stand_in, ship_segments
 from asyncdiff_partition.fx.split import run_segments

@@ -32,7 +32,7 @@ import torch.fx
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
-from asyncdiff_partition.pipelines.wrap import _denoiser_attr, wrap_pipeline
+from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, wrap_pipeline
 from asyncdiff_partition.runtime.report import peak_resident_bytes, resident_bytes
 
 __all__ = ["Backend", "RunConfig", "RunSettings", "TorchBackend", "backend_for", "default_guidance", "plan_input_shapes",
@@ -393,7 +393,7 @@ def _sample(config: RunConfig, built: BuiltPipeline, denoiser: Any, *, rank: int
     with torch.no_grad():
         pictures = built(steps=steps, guidance_scale=config.guidance, images=images)
     wall_s = time.perf_counter() - begin
-    wrapped = getattr(built.pipe, _denoiser_attr(built.pipe))
+    wrapped = next(v for v in vars(built.pipe).values() if isinstance(v, ScheduledDenoiser))  # wrap_pipeline's
     paths: list[str] = []
     if rank == 0:
         out = Path(config.out_dir)
