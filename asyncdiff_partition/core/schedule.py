@@ -2,7 +2,7 @@
 
 Example::
 
-    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), plan.boundaries))
     denoiser = ReferenceSchedule(segments, warmup=1, stride=1)
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
