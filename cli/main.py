@@ -257,8 +257,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
         os.environ[DEBUG_ENV] = "1"  # the ranks and the launcher keep torch's logs and warnings
     try:
         with handle_interrupts():
-            from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan  # Note [light commands]
-            from asyncdiff_partition.runtime.job import RunConfig, run_plan
+            from asyncdiff_partition.runtime.job import RunConfig, run_plan  # Note [light commands]
             from asyncdiff_partition.runtime.report import format_run
 
             config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
@@ -266,7 +265,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
                                trace=trace_path, reference=reference, nproc=nproc,
                                threads=ctx.parent.params.get("threads"), timeout_s=timeout_s,
                                oversubscribe=oversubscribe)
-            result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
+            result = run_plan(config)  # the ONNX backend for an .onnx model or a plan of one
     except (Interrupted, KeyboardInterrupt) as interrupted:
         if ctx.obj.get("debug"):
             raise

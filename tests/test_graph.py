@@ -8,6 +8,7 @@ from conftest import tiny_captured
 from torch.fx.passes.split_module import split_module
 
 from asyncdiff_partition.core.graph import GraphError, OpGraph
+from asyncdiff_partition.core.placement import PlacementError
 from asyncdiff_partition.fx.opgraph import build_op_graph, value_bytes
 
 
@@ -70,7 +71,7 @@ def test_invalid_graphs_are_rejected():
         OpGraph.from_nodes([_node("a"), _node("a")], [])
     with pytest.raises(GraphError, match="lacks fields"):
         OpGraph.from_nodes([{"name": "a"}], [])
-    with pytest.raises(GraphError, match="rise strictly"):
+    with pytest.raises(PlacementError, match="strictly increasing"):
         OpGraph.from_nodes([_node("a"), _node("b")], []).segment_of([0, 0, 2])
 
 

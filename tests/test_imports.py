@@ -17,11 +17,7 @@ HEAVY = ("torch", "diffusers", "onnx", "onnxruntime", "matplotlib", "sklearn")
 
 # Private names still imported across modules in files another branch is rewriting (issue 10,
 # placement half). The lead empties this after merging; the test then holds for every module.
-PENDING_PRIVATE = {
-    ("asyncdiff_partition.onnx.segments", "asyncdiff_partition.fx.split", "_check_boundaries"),
-    ("asyncdiff_partition.onnx.segments", "asyncdiff_partition.runtime.denoiser", "_Layout"),
-    ("asyncdiff_partition.onnx.segments", "asyncdiff_partition.runtime.denoiser", "_Slot"),
-}
+PENDING_PRIVATE: set[tuple[str, str, str]] = set()  # none left
 
 
 def _loaded_after(code: str) -> dict[str, object]:

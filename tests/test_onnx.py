@@ -17,6 +17,7 @@ from conftest import tiny, tiny_captured, tiny_profile
 
 from asyncdiff_partition.cli.main import main
 from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import Plan, PlanError, make_plan, module_boundaries
 from asyncdiff_partition.core.profile import Profile, fingerprint
 from asyncdiff_partition.fx.opgraph import build_op_graph
@@ -26,7 +27,7 @@ from asyncdiff_partition.onnx.model import OUTPUT as ONNX_OUTPUT
 from asyncdiff_partition.onnx.model import OnnxModelError, load_onnx
 from asyncdiff_partition.onnx.profiler import example_feed, make_session, node_costs, profile_onnx
 from asyncdiff_partition.onnx.run import run_onnx_plan, sample
-from asyncdiff_partition.onnx.segments import OnnxCapture, split_onnx
+from asyncdiff_partition.onnx.segments import OnnxCapture, ready_onnx_segments, split_onnx
 from asyncdiff_partition.runtime.job import RunConfig
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
@@ -66,7 +67,7 @@ def profiled(model, tmp_path_factory):
 def _torch_segments(boundary_module):
     captured = tiny_captured(NAME)
     graph = build_op_graph(captured)
-    return captured, split_graph(captured, graph, [0, *module_boundaries(graph, [boundary_module]), len(graph)])
+    return captured, split_graph(captured, place(graph, [0, *module_boundaries(graph, [boundary_module]), len(graph)]))
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_kernel_events_become_node_costs():
 
 def test_segments_recompute_the_model(model, profiled):
     plan = make_plan(profiled[0], 3)
-    segments = split_onnx(model, plan.boundaries)
+    segments = split_onnx(model, place(model.graph, plan.boundaries))
     assert [s.index for s in segments] == [0, 1, 2] and segments[-1].outputs[-1] == OUTPUT
     assert "sample" not in segments[2].inputs and segments[2].receives  # the latent arrives as values
     feed = example_feed(model)
@@ -157,7 +158,7 @@ def test_segments_recompute_the_model(model, profiled):
 
 def test_reference_schedule_on_onnx_equals_it_on_torch(model):
     captured, torch_segments = _torch_segments(CUT)
-    onnx_segments = split_onnx(model, [0, *module_boundaries(model.graph, [CUT]), len(model.graph)])
+    onnx_segments = split_onnx(model, place(model.graph, [0, *module_boundaries(model.graph, [CUT]), len(model.graph)]))
     assert len(onnx_segments[1].receives) == len(torch_segments[1].receives) == 7
     for warmup, stride in ((1, 1), (2, 1), (1, 2)):
         theirs = ReferenceSchedule(torch_segments, warmup=warmup, stride=stride)
@@ -192,11 +193,14 @@ def test_async_on_two_gloo_ranks_equals_the_torch_reference(profiled, tmp_path):
 def test_a_plan_of_another_model_is_refused(model, profiled):
     plan = make_plan(profiled[0], 2)
     with pytest.raises(PlanError, match="fingerprint 0123456789abcdef"):
-        OnnxCapture(model).split_for_plan(dataclasses.replace(plan, fingerprint="0123456789abcdef"), 2, 1)
+        ready_onnx_segments(model, dataclasses.replace(plan, fingerprint="0123456789abcdef"), world_size=2)
     with pytest.raises(OnnxModelError, match="shape inference failed"):  # shapes baked into the export
         load_onnx(model.path, input_shapes={"sample": [2, 4, 8, 8]})
-    with pytest.raises(PlanError, match="needs 2 ranks"):
-        OnnxCapture(model).split_for_plan(plan, 3, 1)
+    with pytest.raises(PlanError, match="needs N \\+ stride - 1 = 2 ranks"):
+        ready_onnx_segments(model, plan, world_size=3)
+    ready = ready_onnx_segments(model, plan, world_size=2)  # layouts from the static shapes
+    assert ready[1].layouts.keys() == {*ready[1].receives, OUTPUT}
+    assert ready[1].layouts[OUTPUT].leaves[0].shape == OnnxCapture.of(model).latent.shape
 
 
 # --- export of torch segments -----------------------------------------------------------------------

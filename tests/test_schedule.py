@@ -9,7 +9,15 @@ import torch
 from conftest import tiny_captured
 
 from asyncdiff_partition.core.graph import OUTPUT
-from asyncdiff_partition.core.schedule import ScheduleError, make_schedule, n_slots, readers, slot_segment
+from asyncdiff_partition.core.placement import place
+from asyncdiff_partition.core.schedule import (
+    ScheduleError,
+    check_stride,
+    make_schedule,
+    n_slots,
+    readers,
+    slot_segment,
+)
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.split import Segment, split_graph
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
@@ -218,7 +226,7 @@ def _model():
     stale = [i for i, n in enumerate(graph.order) if graph.node(n)["kind"] == "op" and not graph.fresh[i]]
     n = len(graph)
     splits = {1: [0, n], 2: [0, stale[len(stale) // 2], n], 3: [0, stale[len(stale) // 3], stale[2 * len(stale) // 3], n]}
-    return captured, {k: split_graph(captured, graph, b) for k, b in splits.items()}
+    return captured, {k: split_graph(captured, place(graph, b)) for k, b in splits.items()}
 
 
 def _ddim_loop(denoise):
@@ -279,3 +287,13 @@ def test_async_differs_from_sequential_but_is_deterministic(stride):
     _close(first, again)
     torch.testing.assert_close(first[0][0], expected[0][0], atol=0, rtol=0)  # the warm-up step is exact
     assert (first[1] - expected[1]).abs().max() > 1e-4  # stale values change the result
+
+
+def test_the_one_stride_rule_and_world_size():
+    assert [check_stride(1), check_stride(2)] == [1, 2]
+    assert [n_slots(3, 1), n_slots(3, 2)] == [3, 4]
+    for bad in (0, 3, True, 1.5):
+        with pytest.raises(ScheduleError, match=f"stride must be 1 or 2 .*got {bad!r}"):
+            check_stride(bad)
+    with pytest.raises(ScheduleError, match="stride must be 1 or 2"):
+        n_slots(2, 3)

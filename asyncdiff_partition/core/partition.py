@@ -402,7 +402,7 @@ class _Structure:
         """Largest e in [a, m] with e == a or C(a, e) <= budget (M(a, e) if ``bytes_``)."""
         prefix = self.byte_prefix if bytes_ else self.cost_prefix
         steps = self.byte_steps if bytes_ else self.cost_steps
-        best = a.copy()
+        best: IntArray = a.copy()
         alive = np.arange(len(a))  # indices into a that may still grow
         limit, lower = prefix[a] + budget, a
         for j in range(len(steps) + 1):

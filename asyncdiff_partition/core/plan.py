@@ -13,6 +13,7 @@ profile, the cut from :mod:`asyncdiff_partition.core.partition`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from asyncdiff_partition.core.partition import (
     balance_segments,
     evaluate_boundaries,
 )
+from asyncdiff_partition.core.placement import place
+from asyncdiff_partition.core.schedule import ScheduleError, check_stride, n_slots
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -117,7 +120,7 @@ class Plan:
     @property
     def broadcast_bytes_per_step(self) -> int:
         """AsyncDiff-style traffic: every value a segment hands on goes to all N - 1 other ranks."""
-        produced = {r["value"]: r["bytes"] for segment in self.segments for r in segment.receives}
+        produced = {r["value"]: int(r["bytes"]) for segment in self.segments for r in segment.receives}
         return sum(produced.values()) * (self.n_devices - 1)
 
     def save(self, path: str | Path) -> Path:
@@ -151,11 +154,70 @@ class Plan:
         return plan
 
     def check_model(self, fingerprint: str) -> None:
-        if fingerprint != self.fingerprint:
+        """Refuse another model (the short form of :meth:`check_fingerprint`)."""
+        self.check_fingerprint(fingerprint)
+
+    def check_fingerprint(self, found: str, *, specs: Sequence[dict[str, Any]] | None = None,
+                          n_nodes: int | None = None, where: str = "this model") -> None:
+        """The one fingerprint rule: the model run now must be the one the plan was made for.
+
+        Args:
+            found: the fingerprint of the model at hand (op graph and input specs, as
+                :func:`~asyncdiff_partition.core.profile.fingerprint` computes it).
+            specs: its input specs (name, shape, dtype, latent); with them the message says
+                which shapes differ from the profiled ones.
+            n_nodes: its op-graph size; with it the message tells another model apart.
+            where: how the message names the model at hand.
+
+        Raises:
+            PlanError: the fingerprints differ.
+        """
+        if found == self.fingerprint:
+            return
+        hint = f": {_mismatch_hint(self, specs, n_nodes)}" if specs is not None or n_nodes is not None else ""
+        raise PlanError(
+            f"plan was made for model fingerprint {self.fingerprint} ({self.model}) but {where} is {found}{hint}; "
+            f"re-run 'asyncdiff-partition profile' and 'plan' for this model and these shapes"
+        )
+
+    def check_world_size(self, world_size: int, stride: int | None = None) -> None:
+        """The one world-size rule: N + stride - 1 ranks (stride default the plan's).
+
+        Raises:
+            PlanError: another number of ranks, or a stride other than 1 or 2.
+        """
+        stride = self.stride if stride is None else stride
+        try:
+            needed = n_slots(self.n_devices, stride)
+        except ScheduleError as error:
+            raise PlanError(str(error)) from None
+        if world_size != needed:
             raise PlanError(
-                f"plan was made for model fingerprint {self.fingerprint} ({self.model}) but this model "
-                f"is {fingerprint}; re-run 'asyncdiff-partition profile' and 'plan' for this model and shapes"
+                f"the plan splits {self.model} into N={self.n_devices} segments; with stride {stride} that needs "
+                f"N + stride - 1 = {needed} ranks, but this run has {world_size}; start {needed} processes "
+                f"(--nproc {needed}) or make a plan for {world_size - stride + 1} devices"
             )
+
+
+def _mismatch_hint(plan: Plan, specs: Sequence[dict[str, Any]] | None, n_nodes: int | None) -> str:
+    """Which of model and shapes differ, as far as the plan (and its profile file) tell."""
+    specs = list(specs or [])
+    profiled = plan.profile.get("inputs") or None
+    if profiled is None:
+        try:
+            with open(plan.profile.get("path") or "", encoding="utf-8") as file:
+                profiled = json.load(file)["inputs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            profiled = None
+    if profiled is not None and specs:
+        changed = [f"{p['name']} {tuple(p['shape'])} -> {tuple(s['shape'])}"
+                   for p, s in zip(profiled, specs) if p["name"] == s["name"] and list(p["shape"]) != list(s["shape"])]
+        if changed and len(profiled) == len(specs):
+            return f"the input shapes differ from the profiled ones ({'; '.join(changed)})"
+    if n_nodes is not None and plan.boundaries and plan.boundaries[-1] != n_nodes:
+        return f"it is another model: its graph has {n_nodes} nodes, the plan's {plan.boundaries[-1]}"
+    shapes = ", ".join(f"{s['name']} {tuple(s['shape'])} {s['dtype']}" for s in specs)
+    return f"another model, or input shapes other than the profiled ones (these: {shapes})"
 
 
 def ideal_speedup(steps: int, warmup: int, n_devices: int, stride: int = 1) -> float:
@@ -195,8 +257,10 @@ def make_plan(
     Raises:
         PlanError: bad arguments, N larger than the graph allows, unknown module boundaries.
     """
-    if stride not in (1, 2):
-        raise PlanError(f"stride must be 1 or 2, got {stride}")
+    try:
+        check_stride(stride)
+    except ScheduleError as error:
+        raise PlanError(str(error)) from None
     if n_devices < 1:
         raise PlanError(f"need at least 1 device, got {n_devices}")
     if steps < 1 or warmup < 0:
@@ -244,7 +308,7 @@ def make_plan(
         stride=stride,
         warmup=warmup,
         steps=steps,
-        world_size=n_devices + stride - 1,
+        world_size=n_slots(n_devices, stride),
         method=method,
         boundaries=list(partition.boundaries),
         speeds=list(speeds) if speeds is not None else [1.0] * n_devices,
@@ -286,8 +350,7 @@ def module_boundaries(graph: OpGraph, module_paths: Sequence[str]) -> list[int]:
 
 
 def _segment_plans(graph: OpGraph, partition: Partition) -> list[SegmentPlan]:
-    received = graph.segment_inputs(partition.boundaries)
-    segment_of = graph.segment_of(partition.boundaries)
+    placement = place(graph, partition.boundaries)
     plans = []
     for k, nodes in enumerate(partition.segment_nodes):
         modules = [graph.node(i)["module"] for i in nodes if graph.node(i)["kind"] == "op"] or [""]
@@ -305,8 +368,8 @@ def _segment_plans(graph: OpGraph, partition: Partition) -> list[SegmentPlan]:
                 transfer_ms=partition.transfer[k],
                 time_ms=partition.times[k],
                 receives=[
-                    {"value": name, "from_segment": segment_of[graph.index[name]], "bytes": size}
-                    for name, size in sorted(received[k].items(), key=lambda kv: graph.index[kv[0]])
+                    {"value": name, "from_segment": placement.owner[name], "bytes": graph.node(name)["out_bytes"]}
+                    for name in placement.segments[k].receives
                 ],
                 replicated=[graph.order[i] for i in partition.replicated[k]],
             )

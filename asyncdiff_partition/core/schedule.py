@@ -2,7 +2,7 @@
 
 Example::
 
-    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), plan.boundaries))
     denoiser = ReferenceSchedule(segments, warmup=1, stride=1)
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
@@ -62,7 +62,8 @@ from dataclasses import dataclass
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 
-__all__ = ["PHASES", "ScheduleError", "Step", "Work", "check_timestep_input", "make_schedule", "n_slots", "readers", "slot_segment"]
+__all__ = ["PHASES", "ScheduleError", "Step", "Work", "check_stride", "check_timestep_input", "make_schedule", "n_slots",
+           "readers", "slot_segment"]
 
 
 PHASES = ("warmup", "async", "round", "reuse", "tail")
@@ -105,9 +106,20 @@ class Step:
         return self.phase == "warmup"
 
 
+def check_stride(stride: object) -> int:
+    """The one stride rule: 1, or 2 for AsyncDiff's stride denoising.
+
+    Raises:
+        ScheduleError: any other value.
+    """
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ScheduleError(f"stride must be 1 or 2 (2: stride denoising with one extra rank); got {stride!r}")
+    return int(stride)
+
+
 def n_slots(n_segments: int, stride: int) -> int:
-    """Slots (ranks) a schedule uses: N, plus one for stride 2."""
-    return n_segments + stride - 1
+    """Slots (ranks) a schedule uses: N, plus one for stride 2. The one world-size rule."""
+    return n_segments + check_stride(stride) - 1
 
 
 def slot_segment(slot: int, n_segments: int) -> int:
@@ -132,14 +144,17 @@ def make_schedule(n_segments: int, steps: int, *, warmup: int, stride: int = 1, 
     Raises:
         ScheduleError: an argument out of range.
     """
-    if n_segments < 1 or steps < 0 or warmup < 0 or stride not in (1, 2):
+    if n_segments < 1 or steps < 0 or warmup < 0 or isinstance(stride, bool) or stride not in (1, 2):
         raise ScheduleError(
             f"need n_segments >= 1, steps >= 0, warmup >= 0 and stride 1 or 2; got n_segments={n_segments}, "
             f"steps={steps}, warmup={warmup}, stride={stride}"
         )
     last = n_segments - 1
     shift = 1 if time_shift else 0
-    main = lambda t: tuple(Work(k, k, t) for k in range(n_segments))  # noqa: E731
+
+    def main(t: int) -> tuple[Work, ...]:
+        return tuple(Work(k, k, t) for k in range(n_segments))
+
     w = min(max(warmup, 1), steps)
     table = [Step(s, "warmup", main(s), (last, s)) for s in range(w)]
     s = w

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, make_plan, module_boundaries
 from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
 from asyncdiff_partition.evaluation.metrics import frechet_distance, psnr, ssim
@@ -218,7 +219,7 @@ def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, referen
 
 def _segments(captured: Any, graph: Any, profile: Any, n: int, hand: Sequence[str] | None) -> list[Any]:
     """The split modules of the auto (``hand`` None) or hand plan at N (the same for every S, W)."""
-    return split_graph(captured, graph, make_plan(profile, n, boundaries=hand).boundaries)
+    return split_graph(captured, place(graph, make_plan(profile, n, boundaries=hand).boundaries))
 
 
 def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.profile import (
     Profile,
     ProfileError,
@@ -207,7 +208,7 @@ def time_segments(
     The segments are split from ``captured`` at ``boundaries`` (a plan's), run once in order to
     obtain every received value, then each is timed by itself.
     """
-    segments = split_graph(captured, build_op_graph(captured), boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), boundaries))
     inputs = dict(zip((s.name for s in captured.inputs), captured.example))
     with torch.no_grad():
         return time_each_segment(segments, inputs, warmup=warmup, repeats=repeats)

@@ -1,31 +1,33 @@
-"""Sending a captured model to other processes: whole, or cut down to one segment's weights.
+"""Sending a captured model to other processes: whole, or as one finished segment per rank.
 
 ``pickle.dumps(captured)`` works (Note [pickling a captured model] in fx/pickling.py). For the
-ranks of a run, :func:`ship_segments` writes one file per segment in which every weight the
-segment does not use is a one-element stand-in, so a rank loads (and ever holds) only its own
-weights, not a full replica first:
+ranks of a run, :func:`ship_segments` writes one file per ready segment: the segment's module
+with only its own weights, its value layouts, the verified fingerprint and the placement, plus
+the capture's shell (input specs, call signature, the original model with every weight a
+one-element stand-in), so that a rank loads (and ever holds) only its own weights, and builds no
+op graph and splits nothing:
 
-    shipped = ship_segments(captured, segments, "/tmp/run")   # in the launching process
-    captured = shipped.load(segment_index)                     # in a rank
+    ready = ready_segments(captured, plan, world_size=2)          # in the launching process
+    shipped = ship_segments(ready, "/tmp/run", captured)
+    segment, shell = shipped.load(segment_index)                   # in a rank
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.fx
 
 from asyncdiff_partition.fx.capture import CapturedModel, pack_captured, resolve_attr, restore_captured
 from asyncdiff_partition.fx.pickling import is_stand_in
-
-if TYPE_CHECKING:
-    from asyncdiff_partition.fx.split import Segment
+from asyncdiff_partition.runtime.layout import ReadySegment
 
 __all__ = ["ShippedSegments", "is_stand_in", "ship_segments"]
 
@@ -34,7 +36,7 @@ __all__ = ["ShippedSegments", "is_stand_in", "ship_segments"]
 
 @dataclass(frozen=True)
 class ShippedSegments:
-    """Where :func:`ship_segments` put one capture file per segment."""
+    """Where :func:`ship_segments` put one file per ready segment."""
 
     directory: str
     n_segments: int
@@ -42,32 +44,50 @@ class ShippedSegments:
     def path(self, segment: int) -> Path:
         return Path(self.directory) / f"segment{segment}.pt"
 
-    def load(self, segment: int) -> CapturedModel:
-        """The capture with ``segment``'s weights real and every other weight a stand-in.
+    def load(self, segment: int) -> tuple[ReadySegment, Any]:
+        """(the ready segment, the capture shell it was shipped with, or None).
 
-        ``torch.load`` reads each weight straight into its tensor (no serialized copy beside
-        it), so loading never holds the weights twice. (Mapping the file instead, ``mmap=True``,
-        gave the same peak but made the first two steps 0.4 s slower per rank on SD 1.5.)
+        The shell of a torch capture is the ``CapturedModel`` whose graph is the segment's own
+        module, with every weight other than the segment's a stand-in. ``torch.load`` reads each
+        weight straight into its tensor (no serialized copy beside it), so loading never holds
+        the weights twice.
         """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch.load on a file we wrote ourselves
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own TreeSpec unpickling
             shipped = torch.load(self.path(segment), weights_only=False)
-        return restore_captured(shipped["graph"], shipped["tensors"])
+        if "graph" not in shipped:
+            return shipped["segment"], shipped["shell"]
+        shell = restore_captured(shipped["graph"], shipped["tensors"])
+        ready = ReadySegment(module=shell.graph_module, **shipped["segment"])
+        return ready, shell
 
 
-def ship_segments(captured: CapturedModel, segments: Sequence[Segment], directory: str | os.PathLike) -> ShippedSegments:
-    """Write ``captured`` once per segment, with only that segment's weights (Note [weight stand-ins]).
+def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike,
+                  captured: CapturedModel | Any = None) -> ShippedSegments:
+    """Write one file per ready segment into ``directory`` (``segment{i}.pt``).
 
     Args:
-        captured: the capture the segments were split from.
-        segments: :func:`~asyncdiff_partition.fx.split.split_graph`'s segments of it.
-        directory: an existing folder; ``segment{i}.pt`` files are written there.
+        segments: the ready segments of one plan, in order.
+        directory: an existing folder.
+        captured: the capture the segments were made from. A torch capture ships as a shell
+            around each segment's module with only that segment's weights (Note [weight
+            stand-ins]); anything else (an ONNX model's input specs) ships as it is, beside
+            segments whose modules pickle on their own.
     """
     shipped = ShippedSegments(str(directory), len(segments))
+    if not isinstance(captured, CapturedModel):
+        for segment in segments:
+            torch.save({"segment": segment, "shell": captured}, shipped.path(segment.index))
+        return shipped
     weights = _weights(captured.graph_module) | _weights(captured.model)
     for segment in segments:
-        graph, tensors = pack_captured(captured, stand_ins=weights - _weights(segment.module))
-        torch.save({"graph": graph, "tensors": tensors}, shipped.path(segment.index))
+        module = segment.module
+        assert isinstance(module, torch.fx.GraphModule)
+        shell = dataclasses.replace(captured, graph_module=module)
+        graph, tensors = pack_captured(shell, stand_ins=weights - _weights(module))
+        fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(segment) if f.name != "module"}
+        torch.save({"graph": graph, "tensors": tensors, "segment": fields}, shipped.path(segment.index))
     return shipped
 
 

@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, UsageError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "TIMEOUT_ENV",
     "PeerError",
     "WorkersFailed",
+    "all_gather_object",
     "barrier",
     "broadcast",
     "device",
@@ -75,7 +76,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> tuple[in
         return _state["rank"], _state["world"], _state["device"]
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise UsageError(
             f"comm.init needs {missing} in the environment; start the workers with torchrun or "
             f"asyncdiff_partition.runtime.launch.launch"
         )
@@ -169,6 +170,28 @@ def barrier(what: str = "barrier") -> None:
     wait([work], f"{what} (all ranks)")
 
 
+def all_gather_object(obj: Any, what: str = "all-gather", timeout: float | None = None) -> list[Any]:
+    """Every rank's ``obj`` (small and picklable), in rank order (bounded by the timeout).
+
+    Each rank's pickle travels as a byte tensor: lengths first, then the padded bytes, so that
+    every wait is one of :func:`wait`'s.
+    """
+    import pickle
+
+    if world_size() == 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device())
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device()) for _ in range(world_size())]
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device())
+    wait([_call(what, dist.all_gather, sizes, size, async_op=True)], f"{what} (sizes)", timeout)
+    longest = int(max(int(t.item()) for t in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device())
+    padded[: data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device()) for _ in range(world_size())]
+    wait([_call(what, dist.all_gather, gathered, padded, async_op=True)], what, timeout)
+    return [pickle.loads(bytes(t[: int(n.item())].cpu().tolist())) for t, n in zip(gathered, sizes)]
+
+
 class WorkersFailed(AsyncDiffError, RuntimeError):
     """Workers of :func:`run_workers` failed: ``failures`` maps global rank -> (exit code, message)."""
 
@@ -234,5 +257,5 @@ def _peer_error(what: str, error: BaseException) -> PeerError:
 
 def _require(key: str) -> Any:
     if not _state:
-        raise RuntimeError("the process group is not set up; call asyncdiff_partition.runtime.comm.init() first")
+        raise UsageError("the process group is not set up; call asyncdiff_partition.runtime.comm.init() first")
     return _state[key]

@@ -2,8 +2,8 @@
 
 Example::
 
-    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
-    denoiser = ReferenceSchedule(segments, warmup=1, stride=1)
+    segments = split_graph(captured, place(build_op_graph(captured), plan.boundaries))
+    denoiser = ReferenceSchedule(segments, warmup=1, stride=1)       # or ready_segments(captured, plan)
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
         eps = denoiser({"sample": x, "timestep": t.expand(2), "encoder_hidden_states": text})
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
-from asyncdiff_partition.fx.split import Segment
+from asyncdiff_partition.runtime.layout import RunnableSegment
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
 
@@ -53,7 +53,8 @@ class ReferenceSchedule:
     a segment would receive over the network are read from this object's state instead.
 
     Args:
-        segments: from :func:`~asyncdiff_partition.fx.split.split_graph`, in order.
+        segments: in order: split ones (:func:`~asyncdiff_partition.fx.split.split_graph`,
+            :func:`~asyncdiff_partition.onnx.segments.split_onnx`) or ready ones.
         warmup: W, exact warm-up steps.
         stride: 1, or 2 (AsyncDiff's stride denoising; the runtime needs N + 1 ranks).
         time_shift: condition the async phases on the previous step's timestep.
@@ -65,7 +66,7 @@ class ReferenceSchedule:
 
     def __init__(
         self,
-        segments: list[Segment],
+        segments: Sequence[RunnableSegment],
         *,
         warmup: int,
         stride: int = 1,
@@ -77,7 +78,7 @@ class ReferenceSchedule:
         make_schedule(len(segments), 0, warmup=warmup, stride=stride)  # validates the arguments
         names = sorted({name for segment in segments for name in segment.inputs})
         check_timestep_input(timestep_input, names, stride=stride, time_shift=time_shift)
-        self.segments = segments
+        self.segments = list(segments)
         self.warmup, self.stride, self.time_shift = warmup, stride, time_shift
         self.timestep_input = timestep_input
         self._run: SamplingRun | None = None
@@ -119,7 +120,7 @@ class ReferenceSchedule:
         return self._kept.pop(step.eps)
 
 
-def check_inputs(segment: Segment, inputs: Mapping[str, Tensor], step: int) -> None:
+def check_inputs(segment: RunnableSegment, inputs: Mapping[str, Tensor], step: int) -> None:
     """Every model input the segment reads must be there, by captured placeholder name."""
     missing = [name for name in segment.inputs if name not in inputs]
     if missing:
