@@ -166,9 +166,9 @@ def mutations(draw, data):
 
 def _uses_of_a_plan(plan: Plan, graph) -> None:
     """What `run` and `plan` do with a loaded plan before any process starts."""
-    from asyncdiff_partition.runtime.job import RunConfig, _settings
+    from asyncdiff_partition.runtime.settings import RunConfig, run_settings
 
-    _, _, _, world = _settings(RunConfig(model=None, plan="p.json"), plan)
+    world = run_settings(RunConfig(model=None, plan="p.json"), plan).world
     preflight.check_devices(world, oversubscribe=True)
     preflight.plan_ship_bytes(plan)
     ideal_speedup(plan.steps, plan.warmup, plan.n_devices, plan.stride)

@@ -26,10 +26,11 @@ from asyncdiff_partition.onnx.export import export_plan_onnx, load_exported
 from asyncdiff_partition.onnx.model import OUTPUT as ONNX_OUTPUT
 from asyncdiff_partition.onnx.model import OnnxModelError, load_onnx
 from asyncdiff_partition.onnx.profiler import example_feed, make_session, node_costs, profile_onnx
-from asyncdiff_partition.onnx.run import run_onnx_plan, sample
+from asyncdiff_partition.onnx.run import OnnxBackend, sample
 from asyncdiff_partition.onnx.segments import OnnxCapture, ready_onnx_segments, split_onnx
-from asyncdiff_partition.runtime.job import RunConfig
+from asyncdiff_partition.runtime.job import run_plan
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
+from asyncdiff_partition.runtime.settings import RunConfig
 
 pytest.importorskip("onnxruntime")
 
@@ -178,8 +179,8 @@ def test_async_on_two_gloo_ranks_equals_the_torch_reference(profiled, tmp_path):
     profile, profile_path = profiled
     plan = make_plan(profile, 2, boundaries=[CUT], steps=4, warmup=1, profile_path=str(profile_path))
     plan_path = plan.save(tmp_path / "plan.json")
-    result = run_onnx_plan(RunConfig(model=None, plan=str(plan_path), out_dir=str(tmp_path / "run"), threads=1,
-                                     guidance=1.0, timeout_s=60, progress=False))
+    result = run_plan(RunConfig(model=None, plan=str(plan_path), out_dir=str(tmp_path / "run"), threads=1,
+                                guidance=1.0, timeout_s=60, progress=False), OnnxBackend())
     got = torch.from_numpy(np.load(result["latent"]))
     captured, torch_segments = _torch_segments(CUT)
     expected = sample(ReferenceSchedule(torch_segments, warmup=1), captured, steps=4, seed=0, guidance=1.0)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from asyncdiff_partition.core.graph import OUTPUT, OpGraph
 from asyncdiff_partition.core.partition import PartitionProblem, evaluate_boundaries
-from asyncdiff_partition.core.placement import PlacementError, check_boundaries, place
+from asyncdiff_partition.core.placement import PlacementError, check_boundaries, place, segment_inputs, segment_of
 
 
 def _node(name, kind="op", out_bytes=10, latent=False):
@@ -38,7 +38,7 @@ def test_toy_placement(toy):
     assert (s0.sends, s1.sends, s2.sends) == (("a",), ("b",), ())
     assert s2.outputs == (OUTPUT,) and not s0.yields_output
     assert p.owner["b"] == 1 and p.consumers("a") == (1, 2) and p.positions == {"a": 4, "b": 5}
-    assert toy.segment_inputs([0, 5, 6, 8]) == [{}, {"a": 4}, {"a": 4, "b": 8}]
+    assert segment_inputs(toy, [0, 5, 6, 8]) == [{}, {"a": 4}, {"a": 4, "b": 8}]
     assert p.digest() == place(toy, [0, 5, 6, 8]).digest() != place(toy, [0, 6, 8]).digest()
 
 
@@ -86,7 +86,7 @@ def graphs(draw):
 def test_placement_agrees_with_brute_force_and_with_the_partitioner(case):
     graph, boundaries, stale = case
     n_seg = len(boundaries) - 1
-    segment_at = graph.segment_of(boundaries)
+    segment_at = segment_of(graph, boundaries)
     owned = {graph.order[i]: segment_at[i] for i in stale}
     if set(owned.values()) != set(range(n_seg)):
         with pytest.raises(PlacementError, match="holds no stale op"):

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_captured
 
 from asyncdiff_partition.core.graph import OUTPUT
-from asyncdiff_partition.core.placement import PlacementError, place
+from asyncdiff_partition.core.placement import PlacementError, place, segment_inputs, segment_of
 from asyncdiff_partition.fx.capture import MODULE_KEY, capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.split import SplitError, run_segments, split_graph
@@ -90,13 +90,13 @@ def test_each_segment_holds_exactly_the_weights_its_nodes_use(name):
     every = _resident(gm)
     for boundaries in _boundary_sets(graph, stale):
         segments = _split(name, boundaries)
-        segment_of = graph.segment_of(boundaries)
+        owner = segment_of(graph, boundaries)
         fresh = graph.fresh
         union: set[int] = set()
         for seg in segments:
             # computed by the segment, worked out from the original graph: its stale ops by
             # position plus the fresh ops it recomputes
-            own = [n for i, n in enumerate(graph.order) if segment_of[i] == seg.index and not fresh[i]]
+            own = [n for i, n in enumerate(graph.order) if owner[i] == seg.index and not fresh[i]]
             targets = {a.target for n in own + seg.replicated for a in nodes[n].all_input_nodes if a.op == "get_attr"}
             needed = {id(_get(gm, t)): t for t in targets}
             resident = _resident(seg.module)
@@ -128,8 +128,8 @@ def test_receives_and_sends_agree_with_segment_inputs_and_fresh_values_are_never
     captured, graph, stale = _setup(name)
     for boundaries in _boundary_sets(graph, stale):
         segments = _split(name, boundaries)
-        segment_of = graph.segment_of(boundaries)
-        expected = graph.segment_inputs(boundaries)
+        owner = segment_of(graph, boundaries)
+        expected = segment_inputs(graph, boundaries)
         for seg in segments:
             assert set(seg.receives) == set(expected[seg.index])
             assert not any(graph.node(r)["fresh"] for r in seg.receives)
@@ -138,7 +138,7 @@ def test_receives_and_sends_agree_with_segment_inputs_and_fresh_values_are_never
             # sent once by its producer: exactly the values some later segment receives
             sends = [o for o in seg.outputs if o != OUTPUT]
             later = [r for other in segments[seg.index + 1:] for r in other.receives]
-            wanted = {r for r in later if segment_of[graph.index[r]] == seg.index}
+            wanted = {r for r in later if owner[graph.index[r]] == seg.index}
             assert sorted(sends, key=graph.index.get) == sends and set(sends) == wanted
             assert (OUTPUT in seg.outputs) == (seg is segments[-1])
         if boundaries[-2] == len(graph) - 1:  # the last segment only hands on the model output

@@ -25,9 +25,9 @@ from asyncdiff_partition.pipelines.wrap import (
     unwrap_pipeline,
     wrap_pipeline,
 )
-from asyncdiff_partition.runtime.job import RunConfig, plan_input_shapes
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
 from asyncdiff_partition.runtime.report import load_report
+from asyncdiff_partition.runtime.settings import RunConfig, plan_input_shapes
 
 STEPS = 3
 CUT = {"tiny-unet2d-condition": "up_blocks.1", "tiny-dit": "transformer_blocks.3", "tiny-unet2d": "up_blocks.1"}

@@ -9,7 +9,7 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AsyncDiffError", "ConfigError", "UnsupportedError", "UsageError"]
+__all__ = ["PlanError", "AsyncDiffError", "ConfigError", "UnsupportedError", "UsageError"]
 
 
 class AsyncDiffError(Exception):
@@ -26,3 +26,8 @@ class UnsupportedError(AsyncDiffError, TypeError):
 
 class UsageError(AsyncDiffError, RuntimeError):
     """An object used out of order (a run before its set-up, a step without a schedule)."""
+
+
+class PlanError(AsyncDiffError, ValueError):
+    """A plan that cannot be made, or a plan file that does not fit (its stage: core/plan.py;
+    defined here so that the plan file's validator raises it without importing the plan)."""

@@ -215,26 +215,6 @@ class OpGraph:
 
         return Crossing(boundary, tuple(found["stale"]), size(found["stale"]), tuple(found["fresh"]), size(found["fresh"]))
 
-    def segment_inputs(self, boundaries: Sequence[int]) -> list[dict[str, int]]:
-        """Per segment, the stale values it consumes from earlier segments: {producer: bytes}.
-
-        ``boundaries`` are ``N+1`` increasing positions from 0 to n. Unlike a single cut, this
-        counts only what each segment really consumes (point-to-point transfers). Read from
-        :func:`~asyncdiff_partition.core.placement.place`.
-        """
-        from asyncdiff_partition.core.placement import place
-
-        return [{v: self.nx.nodes[v]["out_bytes"] for v in s.receives} for s in place(self, boundaries).segments]
-
-    def segment_of(self, boundaries: Sequence[int]) -> list[int]:
-        """Segment index of every position for the given boundaries."""
-        from asyncdiff_partition.core.placement import check_boundaries
-
-        b = check_boundaries(boundaries, len(self.order))
-        out: list[int] = []
-        for k in range(len(b) - 1):
-            out.extend([k] * (b[k + 1] - b[k]))
-        return out
 
     def cheapest_cuts(self, count: int = 5, *, margin: float = 0.1) -> list[Crossing]:
         """Boundaries with the fewest stale bytes, away from the ends of the order, one per module.

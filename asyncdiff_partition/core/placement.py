@@ -35,7 +35,7 @@ from asyncdiff_partition.core import counters
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.graph import OUTPUT, OpGraph
 
-__all__ = ["Placement", "PlacementError", "SegmentPlacement", "check_boundaries", "place"]
+__all__ = ["Placement", "PlacementError", "SegmentPlacement", "check_boundaries", "place", "segment_inputs", "segment_of"]
 
 
 class PlacementError(AsyncDiffError, ValueError):
@@ -206,3 +206,21 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
         ))
     positions = {v: index[v] for s in segments for v in s.sends}
     return Placement(tuple(bounds), tuple(segments), owner, positions, len(graph))
+
+
+def segment_inputs(graph: OpGraph, boundaries: Sequence[int]) -> list[dict[str, int]]:
+    """Per segment, the stale values it consumes from earlier segments: {producer: bytes}.
+
+    ``boundaries`` are ``N+1`` increasing positions from 0 to n. Unlike a single cut, this
+    counts only what each segment really consumes (point-to-point transfers).
+    """
+    return [{v: graph.node(v)["out_bytes"] for v in s.receives} for s in place(graph, boundaries).segments]
+
+
+def segment_of(graph: OpGraph, boundaries: Sequence[int]) -> list[int]:
+    """Segment index of every position of ``graph.order`` for the given boundaries."""
+    b = check_boundaries(boundaries, len(graph.order))
+    out: list[int] = []
+    for k in range(len(b) - 1):
+        out.extend([k] * (b[k + 1] - b[k]))
+    return out

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import PlanError
 from asyncdiff_partition.core.files import read_json, write_json_atomic
 from asyncdiff_partition.core.graph import OpGraph
 from asyncdiff_partition.core.partition import (
@@ -54,10 +54,6 @@ ASYNCDIFF_SD21_BOUNDARIES: dict[int, tuple[str, ...]] = {
     3: ("mid_block", "up_blocks.3"),
     4: ("down_blocks.2", "up_blocks.2", "up_blocks.3.attentions.0"),
 }
-
-
-class PlanError(AsyncDiffError, ValueError):
-    """A plan that cannot be made, or a plan file that does not fit."""
 
 
 @dataclass

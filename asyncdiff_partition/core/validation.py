@@ -21,7 +21,8 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, NoReturn
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, PlanError
+from asyncdiff_partition.core.placement import segment_inputs, segment_of
 
 __all__ = ["FieldError", "check_plan_graph", "validate_plan", "validate_profile"]
 
@@ -208,30 +209,33 @@ def _validate_segment(f: _Fields, segment: Any, k: int, boundaries: list[int], f
         f.string(name, f"{where}.replicated[{i}]", empty=False)
 
 
-def check_plan_graph(plan: Any, graph: Any, path: Any, fix: str = "re-run 'asyncdiff-partition plan'") -> None:
+def check_plan_graph(plan: Any, graph: Any, path: Any, fix: str = "re-run 'asyncdiff-partition plan'", *,
+                     placement: Any = None) -> None:
     """Check a loaded plan against the op graph of the model it is run on (same fingerprint).
 
     The boundaries must end at the graph's last node, and every segment's ``receives`` must be
     what the graph says crosses into it (value, producing segment, bytes).
 
+    ``placement``, when the caller has placed the plan's boundaries already
+    (:func:`~asyncdiff_partition.core.placement.place`), is used instead of placing them again.
+
     Raises:
         PlanError: the first mismatch.
     """
-    from asyncdiff_partition.core.plan import PlanError
-
     try:
-        _check_plan_graph(_Fields("plan", path, fix), plan, graph)
+        _check_plan_graph(_Fields("plan", path, fix), plan, graph, placement)
     except FieldError as error:
         raise PlanError(str(error)) from None
 
 
-def _check_plan_graph(f: _Fields, plan: Any, graph: Any) -> None:
+def _check_plan_graph(f: _Fields, plan: Any, graph: Any, placement: Any) -> None:
     if plan.boundaries[-1] != len(graph):
         f.fail(f"boundaries[{len(plan.boundaries) - 1}]", f"the model's node count {len(graph)}", plan.boundaries[-1])
-    received = graph.segment_inputs(plan.boundaries)
-    segment_of = graph.segment_of(plan.boundaries)
+    received = (segment_inputs(graph, plan.boundaries) if placement is None
+                else [{v: graph.node(v)["out_bytes"] for v in s.receives} for s in placement.segments])
+    owner = segment_of(graph, plan.boundaries)
     for k, segment in enumerate(plan.segments):
-        expected = {name: (segment_of[graph.index[name]], size) for name, size in received[k].items()}
+        expected = {name: (owner[graph.index[name]], size) for name, size in received[k].items()}
         actual = {r["value"]: (r["from_segment"], r["bytes"]) for r in segment.receives}
         if actual != expected:
             wrong = sorted(set(actual.items()) ^ set(expected.items()))[0][0]

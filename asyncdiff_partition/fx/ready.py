@@ -26,7 +26,7 @@ __all__ = ["check_plan", "checked_op_graph", "ready_segments", "ready_from_split
 
 
 def checked_op_graph(captured: CapturedModel, plan: Plan, world_size: int | None = None, *,
-                     stride: int | None = None, plan_path: str | None = None) -> OpGraph:
+                     stride: int | None = None) -> OpGraph:
     """The capture's op graph, after refusing a plan that does not fit it (or this many ranks).
 
     Args:
@@ -34,19 +34,16 @@ def checked_op_graph(captured: CapturedModel, plan: Plan, world_size: int | None
         plan: the plan to run.
         world_size: number of ranks of this run; None skips that check.
         stride: the stride to run with (default the plan's); stride 2 needs one extra rank.
-        plan_path: the plan's file, named in errors.
 
     Raises:
-        PlanError: the world size is not N + stride - 1, the plan's model fingerprint
-            (graph structure, sizes and input shapes, as the profile computed it) differs, or
-            its segments' ``receives`` are not what crosses the cuts in this graph.
+        PlanError: the world size is not N + stride - 1, or the plan's model fingerprint
+            (graph structure, sizes and input shapes, as the profile computed it) differs.
     """
     if world_size is not None:
         plan.check_world_size(world_size, stride)
     graph = shaped_op_graph(captured)
     specs = [s.to_dict() for s in captured.inputs]  # exactly as profile_model records them
     plan.check_fingerprint(fingerprint(graph, specs), specs=specs, n_nodes=len(graph))
-    check_plan_graph(plan, graph, plan_path or "(in memory)")  # well-formed is not enough: it must fit
     return graph
 
 
@@ -70,9 +67,14 @@ def ready_segments(captured: CapturedModel, plan: Plan, *, world_size: int | Non
                    stride: int | None = None, plan_path: str | None = None) -> list[ReadySegment]:
     """Check ``plan`` against ``captured``, place and split it: one ready segment per segment.
 
+    With ``plan_path`` (the file the plan was loaded from), its segments' ``receives`` must also
+    be what crosses the cuts in this graph (an in-memory plan's are the caller's business).
+
     Raises:
-        PlanError: see :func:`checked_op_graph`.
+        PlanError: see :func:`checked_op_graph`; or receives that do not fit.
     """
-    graph = checked_op_graph(captured, plan, world_size, stride=stride, plan_path=plan_path)
+    graph = checked_op_graph(captured, plan, world_size, stride=stride)
     placement = place(graph, plan.boundaries)
+    if plan_path is not None:  # a plan file is well-formed on load; here it must also fit this graph
+        check_plan_graph(plan, graph, plan_path, placement=placement)
     return ready_from_split(captured, placement, split_graph(captured, placement), plan.fingerprint)

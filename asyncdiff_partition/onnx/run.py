@@ -31,27 +31,12 @@ from torch import Tensor
 
 from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.core.plan import Plan
-from asyncdiff_partition.onnx.model import OnnxModel, is_onnx_path, load_onnx
+from asyncdiff_partition.onnx.model import OnnxModel, load_onnx
 from asyncdiff_partition.onnx.segments import OnnxCapture, ready_onnx_segments
 from asyncdiff_partition.pipelines.wrap import denoise
-from asyncdiff_partition.runtime.job import RunConfig, RunSettings, plan_input_shapes, run_plan
+from asyncdiff_partition.runtime.settings import RunConfig, RunSettings, plan_input_shapes
 
-__all__ = ["OnnxBackend", "is_onnx_run", "load_for_plan", "run_onnx_plan", "sample"]
-
-
-def run_onnx_plan(config: RunConfig) -> dict[str, Any]:
-    """:func:`~asyncdiff_partition.runtime.job.run_plan` with the ONNX backend."""
-    return run_plan(config, OnnxBackend())
-
-
-def is_onnx_run(model_spec: str | None, plan_path: str | Path) -> bool:
-    """True when ``run`` is for an ONNX model: ``--model x.onnx``, or a plan made of one."""
-    if model_spec is not None:
-        return is_onnx_path(model_spec)
-    try:
-        return is_onnx_path(Plan.load(plan_path).model)
-    except ValueError:
-        return False  # the torch path reports the unreadable plan
+__all__ = ["OnnxBackend", "load_for_plan", "sample"]
 
 
 def load_for_plan(plan: Plan, plan_path: str | Path | None, spec: str | None = None) -> OnnxModel:

@@ -151,8 +151,10 @@ def ready_onnx_segments(model: OnnxModel, plan: Plan, *, world_size: int | None 
     Raises:
         PlanError: see :func:`check_onnx_plan`.
     """
-    check_onnx_plan(model, plan, world_size, stride, plan_path)
+    check_onnx_plan(model, plan, world_size, stride)
     placement = place(model.graph, plan.boundaries)
+    if plan_path is not None:  # a plan file is well-formed on load; here it must also fit this graph
+        check_plan_graph(plan, model.graph, plan_path, placement=placement)
     segments = split_onnx(model, placement, device=device, threads=threads, optimization=optimization)
     return [ReadySegment(index=s.index, module=s.module, inputs=s.inputs, receives=s.receives, outputs=s.outputs,
                          layouts={v: value_layout(model, v) for v in (*s.receives, OUTPUT)},
@@ -206,19 +208,16 @@ class OnnxCapture:
         return next(spec for spec in self.inputs if spec.is_latent)
 
 
-def check_onnx_plan(model: OnnxModel, plan: Plan, world_size: int | None = None, stride: int | None = None,
-                    plan_path: str | None = None) -> None:
+def check_onnx_plan(model: OnnxModel, plan: Plan, world_size: int | None = None, stride: int | None = None) -> None:
     """Refuse a plan made for another model or shapes, or for another number of ranks.
 
     Raises:
-        PlanError: world size is not N + stride - 1, the plan's fingerprint is not this model's, or
-            its segments' ``receives`` are not what crosses the cuts in this graph.
+        PlanError: world size is not N + stride - 1, or the plan's fingerprint is not this model's.
     """
     if world_size is not None:
         plan.check_world_size(world_size, stride)
     plan.check_fingerprint(fingerprint(model.graph, model.inputs), specs=model.inputs, n_nodes=len(model.graph),
                            where=str(model.path))
-    check_plan_graph(plan, model.graph, plan_path or "(in memory)")  # well-formed is not enough: it must fit
 
 
 def time_onnx_segments(model: OnnxModel, boundaries: Sequence[int], *, warmup: int = 1, repeats: int = 5,

@@ -26,8 +26,8 @@ from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
 from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, wrap_pipeline
-from asyncdiff_partition.runtime.job import RunConfig, RunSettings, latent_shape
 from asyncdiff_partition.runtime.report import peak_resident_bytes, resident_bytes
+from asyncdiff_partition.runtime.settings import RunConfig, RunSettings, latent_shape
 
 __all__ = ["TorchBackend", "default_guidance", "release_weights"]
 
