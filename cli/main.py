@@ -105,8 +105,11 @@ def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool)
               help="ONNX models: the latent input (default: sample, latent, hidden_states, x, ...).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Profile file to write (default: MODEL.DEVICE-Nt.profile.json).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Scale every node's cost by the whole model's compiled/eager time, so that plans balance "
+              "compiled segments (see asyncdiff_partition.fx.compile).")
 @user_errors
-def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path) -> None:
+def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path, compile_) -> None:
     """Measure the cost of every node of a model on a device and save a profile file.
 
     --model also takes an .onnx file: it is profiled by onnxruntime's own profiler, and --batch /
@@ -130,15 +133,20 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, l
                               command=command, batch=batch, size=size, latent=latent)
     else:
         result = profile_spec(model_spec, batch=batch, sample_size=size, device=device, warmup=warmup,
-                              repeats=repeats, progress=True, command=command)
+                              repeats=repeats, progress=True, command=command, compile=compile_)
     name = Path(result.model).name or "model"
-    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t.profile.json")
+    kind = "-compiled" if result.compiled else ""
+    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t{kind}.profile.json")
     result.save(out)
     click.echo(
         f"{result.model}: {len(result.costs)} nodes on {result.device_name} ({result.threads} thread(s)); "
         f"eager {result.eager_ms['median']:.1f} ms, sum of node medians {result.node_ms_sum:.1f} ms "
         f"({100 * result.accuracy:.1f}% of eager); activations peak {format_bytes(result.peak_memory['activation_bytes'])}"
     )
+    if result.compiled:
+        c = result.compiled
+        click.echo(f"compiled ({c['mode']}): {c['compiled_ms']['median']:.1f} ms vs eager {c['eager_ms']['median']:.1f} ms; "
+                   f"node costs scaled by {c['ratio']:.3f}; compiling took {c['startup_s']:.1f} s")
     click.echo(f"wrote {out}")
 
 
@@ -224,10 +232,13 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
               help="Run the single-process reference schedule instead of the ranks.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds a rank waits for another before giving up.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile each rank's segment (CUDA graphs on CUDA; on CPU needs a C++ compiler, "
+              "else eager with a warning).")
 @click.pass_context
 @user_errors
 def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
-        timeout_s) -> None:
+        timeout_s, compile_) -> None:
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
     An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
@@ -238,7 +249,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
     config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
                        stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
                        trace=trace_path, reference=reference, nproc=nproc,
-                       threads=ctx.parent.params.get("threads"), timeout_s=timeout_s)
+                       threads=ctx.parent.params.get("threads"), timeout_s=timeout_s, compile=compile_)
     result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
     if result["report"] is None:  # a rank other than 0 of an outside launch
         return

@@ -56,6 +56,8 @@ from asyncdiff_partition.core.schedule import (
     slot_segment,
 )
 from asyncdiff_partition.fx.capture import CapturedModel
+from asyncdiff_partition.fx.compile import compile_segment
+from asyncdiff_partition.fx.device_move import move_module
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.split import split_graph
 from asyncdiff_partition.runtime import comm
@@ -240,6 +242,9 @@ class AsyncDenoiser:
         warm_up: run this rank's segment once at set-up on the capture's example inputs (zeros
             for received values), so that the first step does not pay for first-time
             allocations (0.3-0.4 s per rank for SD 1.5 on CPU).
+        compile: run this rank's segment through ``torch.compile``
+            (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at set-up by
+            the warm-up run).
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -258,6 +263,7 @@ class AsyncDenoiser:
         timestep_input: str = "timestep",
         timeout_s: float | None = None,
         warm_up: bool = True,
+        compile: bool = False,
     ):
         self.rank, self.world_size, self.device = comm.rank(), comm.world_size(), comm.device()
         self.n_segments = plan.n_devices
@@ -280,7 +286,9 @@ class AsyncDenoiser:
         self._tag = {v: position[v] for v in self._producer}
         segment = segments[slot_segment(self.rank, self.n_segments)]
         del segments, graph  # this object keeps nothing else of captured (see the class docstring)
-        segment.module.to(self.device)
+        move_module(segment.module, self.device)  # stand-ins stay one element (fx.device_move)
+        if compile:
+            segment.module = compile_segment(segment.module, self.device)
         self._segment = segment
         self._layouts = layouts if layouts is not None else _value_layouts(captured, [*segment.receives, OUTPUT])
         example = getattr(captured, "example", None)

@@ -58,6 +58,7 @@ class RunConfig:
     threads: int | None = None
     timeout_s: float = 300.0
     progress: bool = True
+    compile: bool = False  # torch.compile each segment (fx.compile.compile_segment)
 
 
 def plan_input_shapes(plan: Any, plan_path: str | Path | None = None) -> list[dict[str, Any]] | None:
@@ -115,6 +116,10 @@ def _prepare(
     batch, size, source = _latent_shape(plan, config.plan)
     model = captured._signature_model if captured is not None else None
     built = build_pipeline(config.model, seed=config.seed, sample_size=size, model=model)
+    if captured is not None:  # a shipped capture: its weight stand-ins must not grow to full size on the device
+        from asyncdiff_partition.fx.device_move import move_captured
+
+        move_captured(captured, device)
     built.pipe.to(device)  # before a capture: the graph's constants live where the model does
     images = built.images_for_batch(batch, config.guidance)
     if captured is None:
@@ -162,7 +167,7 @@ def run_worker(config: RunConfig, captured: CapturedModel | ShippedSegments | No
             captured = captured.load(slot_segment(rank, plan.n_devices))
         built, captured, images = _prepare(config, plan, device=device, captured=captured)
         denoiser = runtime.AsyncDenoiser(captured, plan, warmup=warmup, stride=stride, timestep_input="timestep",
-                                         timeout_s=config.timeout_s)
+                                         timeout_s=config.timeout_s, compile=config.compile)
         wrap_pipeline(built.pipe, denoiser, _inputs_only(captured))
         del captured
         kept = release_weights(built.model, denoiser._segment.module)  # the only weights this rank needs
@@ -268,7 +273,8 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
             "n_devices": plan.n_devices, "stride": stride, "world_size": 1 if config.reference else world,
             "steps": steps, "warmup": warmup, "guidance": config.guidance, "seed": config.seed, "images": images,
             "boundaries": plan.boundaries, "predicted": plan.predicted,
-            "ideal_speedup": ideal_speedup(steps, warmup, plan.n_devices, stride)}
+            "ideal_speedup": ideal_speedup(steps, warmup, plan.n_devices, stride),
+            "compile": config.compile}
     from asyncdiff_partition.fx.opgraph import build_op_graph
     from asyncdiff_partition.fx.split import split_graph
 
@@ -276,7 +282,8 @@ def run_plan(config: RunConfig) -> dict[str, Any]:
         from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
         segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
-        schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input="timestep")
+        schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input="timestep",
+                                     compile=config.compile)
         wrap_pipeline(built.pipe, schedule, captured)
         results = {0: {**_sample(config, built, schedule, rank=0, steps=steps, images=images),
                        "peak_rss": peak_resident_bytes()}}

@@ -16,6 +16,7 @@ in one process; every distributed runtime must give the same ε at every step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
+from asyncdiff_partition.fx.compile import compile_segment, module_device
 from asyncdiff_partition.fx.split import Segment
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
@@ -58,6 +60,8 @@ class ReferenceSchedule:
         stride: 1, or 2 (AsyncDiff's stride denoising; the runtime needs N + 1 ranks).
         time_shift: condition the async phases on the previous step's timestep.
         timestep_input: name of the timestep placeholder (``captured.inputs[i].name``).
+        compile: run every segment through ``torch.compile`` on its device
+            (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at first use).
 
     Raises:
         ScheduleError: bad arguments, or stride 2 / time_shift without a timestep input.
@@ -71,13 +75,15 @@ class ReferenceSchedule:
         stride: int = 1,
         time_shift: bool = False,
         timestep_input: str = "timestep",
+        compile: bool = False,
     ):
         if not segments:
             raise ScheduleError("need at least one segment")
         make_schedule(len(segments), 0, warmup=warmup, stride=stride)  # validates the arguments
         names = sorted({name for segment in segments for name in segment.inputs})
         check_timestep_input(timestep_input, names, stride=stride, time_shift=time_shift)
-        self.segments = segments
+        self.segments = [replace(s, module=compile_segment(s.module, module_device(s.module))) for s in segments] \
+            if compile else segments
         self.warmup, self.stride, self.time_shift = warmup, stride, time_shift
         self.timestep_input = timestep_input
         self._run: SamplingRun | None = None
