@@ -43,5 +43,9 @@ def test_the_device_check_rehearses_on_cpu(tmp_path):
     assert timing["step_eager_ms"] > 0 and timing["compiled"].startswith("skipped (--no-compile")
     names = [c["name"] for c in data["checks"]]
     assert any("2 ranks on one device vs reference" in n for n in names) and all(c["ok"] for c in data["checks"])
+    predicted = json.loads((out / "predicted.json").read_text())
+    assert [r["config"] for r in predicted["rows"]] == ["N2 S1", "N3 S1", "N4 S1", "N2 S2", "N3 S2"]
+    assert all(0 < p <= r["ideal"] + 1e-9 for r in predicted["rows"] for p in r["predicted"].values())
+    assert "(prediction)" in (out / "predicted.md").read_text()
     table = (out / "check.md").read_text()
     assert "Passed: **True**" in table and "| segment 1 alone | eager" in table and "| rank 1 | segment weights" in table

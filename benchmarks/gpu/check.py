@@ -195,6 +195,14 @@ def main() -> int:
             results.data["errors"].append({"step": name, "error": f"{type(error).__name__}: {error}"})
             results.write()
         gc.collect()
+    if (results.out / "profile.json").is_file():
+        import predict
+
+        sys.argv = ["predict.py", "--profile", str(results.out / "profile.json"), "--out", str(results.out / "predicted.md")]
+        try:
+            predict.main()
+        except Exception as error:  # noqa: BLE001 - the check's own figures stand without it
+            results.data["errors"].append({"step": "predict", "error": f"{type(error).__name__}: {error}"})
     results.write()
     print((results.out / "check.md").read_text(), flush=True)
     return 0 if results.passed else 1
@@ -211,6 +219,7 @@ def step_profile(args, dev, dtype, size, cpu_size, timesteps, repeats, results, 
     profile = profile_model(captured, model_name=meta_name(args), device=str(dev), warmup=2, repeats=min(repeats, 5))
     plan = make_plan(profile, 2, steps=len(timesteps), warmup=1)
     state.update(model=model, captured=captured, profile=profile, plan=plan)
+    profile.save(results.out / "profile.json")  # for predict.py: the multi-GPU predictions
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     results.step("1 profile", {
         "capture_s": capture_s, "capture_method": captured.method, "nodes": len(profile.costs),
