@@ -132,7 +132,7 @@ def compile_segment(module: torch.nn.Module, device: torch.device | str, *, mode
         CompileError: see :func:`compile_mode`.
     """
     chosen = compile_mode(device, mode)
-    if chosen is None or isinstance(module, CompiledSegment):
+    if chosen is None or isinstance(module, CompiledSegment) or not isinstance(module, torch.nn.Module):
         return module
     return CompiledSegment(module, chosen)
 

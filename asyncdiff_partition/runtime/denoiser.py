@@ -286,7 +286,10 @@ class AsyncDenoiser:
         self._tag = {v: position[v] for v in self._producer}
         segment = segments[slot_segment(self.rank, self.n_segments)]
         del segments, graph  # this object keeps nothing else of captured (see the class docstring)
-        move_module(segment.module, self.device)  # stand-ins stay one element (fx.device_move)
+        if isinstance(segment.module, torch.nn.Module):
+            move_module(segment.module, self.device)  # stand-ins stay one element (fx.device_move)
+        else:  # an onnxruntime segment
+            segment.module.to(self.device)
         if compile:
             segment.module = compile_segment(segment.module, self.device)
         self._segment = segment
