@@ -61,6 +61,7 @@ class RunConfig:
     timeout_s: float = 300.0
     progress: bool = True
     oversubscribe: bool = False  # start more ranks than devices (runtime.preflight)
+    compile: bool = False  # torch.compile each segment (fx.compile.compile_segment)
 
 
 def plan_input_shapes(plan: Any, plan_path: str | Path | None = None) -> list[dict[str, Any]] | None:
@@ -196,7 +197,8 @@ def run_plan(config: RunConfig, backend: Backend | None = None) -> dict[str, Any
             "world_size": 1 if config.reference else settings.world, "steps": settings.steps,
             "warmup": settings.warmup, "guidance": config.guidance, "seed": config.seed,
             "boundaries": plan.boundaries, "predicted": plan.predicted,
-            "ideal_speedup": ideal_speedup(settings.steps, settings.warmup, plan.n_devices, settings.stride)}
+            "ideal_speedup": ideal_speedup(settings.steps, settings.warmup, plan.n_devices, settings.stride),
+            "compile": config.compile}
     job = backend.compile(config, plan, settings)
     if config.reference:
         results = {0: backend.reference(config, plan, job, settings)}
