@@ -77,11 +77,20 @@ def profile_spec(
     progress: bool = False,
     command: str = "",
     seed: int = 0,
+    compile: bool = False,
 ) -> Profile:
-    """Load, capture and profile a model given by zoo name or directory."""
+    """Load, capture and profile a model given by zoo name or directory.
+
+    With ``compile``, the costs are scaled to compiled time (Note [compiled profile] in
+    :mod:`asyncdiff_partition.fx.compile`)."""
     name, captured = capture_spec(spec, batch=batch, sample_size=sample_size, seed=seed)
-    return profile_model(captured, model_name=name, device=device, warmup=warmup, repeats=repeats,
-                         progress=progress, command=command)
+    profiled = profile_model(captured, model_name=name, device=device, warmup=warmup, repeats=repeats,
+                             progress=progress, command=command)
+    if compile:
+        from asyncdiff_partition.fx.compile import compile_profile
+
+        profiled = compile_profile(profiled, captured, warmup=warmup, repeats=repeats)
+    return profiled
 
 
 def capture_profiled(profile: Profile, *, model_spec: str | None = None) -> CapturedModel:

@@ -120,8 +120,11 @@ def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool)
               help="ONNX models: the latent input (default: sample, latent, hidden_states, x, ...).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Profile file to write (default: MODEL.DEVICE-Nt.profile.json).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Scale every node's cost by the whole model's compiled/eager time, so that plans balance "
+              "compiled segments (see asyncdiff_partition.fx.compile).")
 @user_errors
-def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path) -> None:
+def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path, compile_) -> None:
     """Measure the cost of every node of a model on a device and save a profile file.
 
     --model also takes an .onnx file: it is profiled by onnxruntime's own profiler, and --batch /
@@ -139,15 +142,20 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, l
                               command=command, batch=batch, size=size, latent=latent)
     else:
         result = profile_spec(model_spec, batch=batch, sample_size=size, device=device, warmup=warmup,
-                              repeats=repeats, progress=True, command=command)
+                              repeats=repeats, progress=True, command=command, compile=compile_)
     name = Path(result.model).name or "model"
-    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t.profile.json")
+    kind = "-compiled" if result.compiled else ""
+    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t{kind}.profile.json")
     result.save(out)
     click.echo(
         f"{result.model}: {len(result.costs)} nodes on {result.device_name} ({result.threads} thread(s)); "
         f"eager {result.eager_ms['median']:.1f} ms, sum of node medians {result.node_ms_sum:.1f} ms "
         f"({100 * result.accuracy:.1f}% of eager); activations peak {format_bytes(result.peak_memory['activation_bytes'])}"
     )
+    if result.compiled:
+        c = result.compiled
+        click.echo(f"compiled ({c['mode']}): {c['compiled_ms']['median']:.1f} ms vs eager {c['eager_ms']['median']:.1f} ms; "
+                   f"node costs scaled by {c['ratio']:.3f}; compiling took {c['startup_s']:.1f} s")
     click.echo(f"wrote {out}")
 
 
@@ -243,10 +251,13 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
               "the run within this + a few seconds.")
 @click.option("--oversubscribe", is_flag=True,
               help="Start more ranks than there are devices (GPUs, or CPU cores for CPU ranks).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile each rank's segment (CUDA graphs on CUDA; on CPU needs a C++ compiler, "
+              "else eager with a warning).")
 @click.pass_context
 @user_errors
 def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
-        timeout_s, oversubscribe) -> None:
+        timeout_s, oversubscribe, compile_) -> None:
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
     An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy.
@@ -264,7 +275,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
                                stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
                                trace=trace_path, reference=reference, nproc=nproc,
                                threads=ctx.parent.params.get("threads"), timeout_s=timeout_s,
-                               oversubscribe=oversubscribe)
+                               oversubscribe=oversubscribe, compile=compile_)
             result = run_plan(config)  # the ONNX backend for an .onnx model or a plan of one
     except (Interrupted, KeyboardInterrupt) as interrupted:
         if ctx.obj.get("debug"):

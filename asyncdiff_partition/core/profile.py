@@ -64,6 +64,7 @@ class Profile:
     graph: dict[str, Any]
     command: str = ""
     created: str = ""
+    compiled: dict[str, Any] | None = None  # costs scaled to compiled time: fx.compile Note [compiled profile]
     schema_version: int = SCHEMA_VERSION
     kind: str = field(default="profile", repr=False)
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from asyncdiff_partition.core.errors import AsyncDiffError, UsageError
+from asyncdiff_partition.runtime import staging
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -58,7 +59,8 @@ class PeerError(AsyncDiffError, RuntimeError):
     """A transfer with another rank failed or timed out (the other rank is usually the cause)."""
 
 
-def init(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+def init(backend: str | None = None, timeout_s: float | None = None,
+         device: str | torch.device | None = None) -> tuple[int, int, torch.device]:
     """Join the process group described by the environment; return ``(rank, world, device)``.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` as
@@ -68,6 +70,9 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> tuple[in
         backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
         timeout_s: bound on every collective and transfer; default ``$ASYNCDIFF_TIMEOUT_S``
             or :data:`DEFAULT_TIMEOUT_S`.
+        device: where this rank's tensors live; default ``cuda:LOCAL_RANK`` with NCCL, else
+            CPU. A CUDA device with gloo (several ranks on one GPU) stages every transfer
+            through host memory (:mod:`~asyncdiff_partition.runtime.staging`).
 
     Raises:
         RuntimeError: the environment does not describe a process group.
@@ -85,17 +90,19 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> tuple[in
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=timeout_s)
     if dist.is_initialized():  # someone else made the group: use it
         pass
-    elif dev.type == "cuda":
+    elif backend == "nccl":
         dist.init_process_group(backend, timeout=timeout, device_id=dev)
     else:
         dist.init_process_group(backend, timeout=timeout)
-    _state.update(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, timeout_s=timeout_s)
+    _state.update(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, timeout_s=timeout_s,
+                  staged=staging.use_staging(backend, dev))
     return _state["rank"], _state["world"], dev
 
 
@@ -128,11 +135,17 @@ def timeout_s() -> float:
 
 def isend(tensors: Sequence[Tensor], dst: int, tag: int = 0) -> list[Any]:
     """Start sending contiguous ``tensors`` to rank ``dst``, in order; returns the works."""
+    if _state.get("staged"):
+        hosts = [staging.to_host(t) for t in tensors]
+        return [staging.Landing(_call(f"sending to rank {dst}", dist.isend, h, dst, tag=tag), h) for h in hosts]
     return [_call(f"sending to rank {dst}", dist.isend, t, dst, tag=tag) for t in tensors]
 
 
 def irecv(tensors: Sequence[Tensor], src: int, tag: int = 0) -> list[Any]:
     """Start receiving into ``tensors`` from rank ``src``, in order; returns the works."""
+    if _state.get("staged"):
+        return [staging.Landing(_call(f"receiving from rank {src}", dist.irecv, h, src, tag=tag), h, t)
+                for h, t in ((staging.host_buffer(t), t) for t in tensors)]
     return [_call(f"receiving from rank {src}", dist.irecv, t, src, tag=tag) for t in tensors]
 
 
@@ -157,7 +170,12 @@ def broadcast(tensor: Tensor, src: int, what: str = "broadcast") -> None:
     """Broadcast ``tensor`` from rank ``src`` to all ranks, in place (blocking)."""
     if world_size() == 1:
         return
-    work = _call(f"{what} from rank {src}", dist.broadcast, tensor, src, async_op=True)
+    if _state.get("staged"):
+        host = staging.to_host(tensor) if rank() == src else staging.host_buffer(tensor)
+        work = staging.Landing(_call(f"{what} from rank {src}", dist.broadcast, host, src, async_op=True), host,
+                               None if rank() == src else tensor)
+    else:
+        work = _call(f"{what} from rank {src}", dist.broadcast, tensor, src, async_op=True)
     wait([work], f"{what} from rank {src}")
 
 
@@ -165,7 +183,7 @@ def barrier(what: str = "barrier") -> None:
     """Wait until every rank gets here (bounded by the timeout; an all-reduce of one number)."""
     if world_size() == 1:
         return
-    token = torch.zeros(1, device=device())
+    token = torch.zeros(1, device="cpu" if _state.get("staged") else device())
     work = _call(what, dist.all_reduce, token, async_op=True)
     wait([work], f"{what} (all ranks)")
 

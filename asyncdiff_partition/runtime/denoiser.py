@@ -33,6 +33,7 @@ is a list or tuple of tensors (an ``aten.chunk`` result, say) travels as its ten
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +51,8 @@ from asyncdiff_partition.core.schedule import (
     readers,
     slot_segment,
 )
+from asyncdiff_partition.fx.compile import compile_segment
+from asyncdiff_partition.fx.device_move import move_module
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.layout import ReadySegment, tensor_leaves
 from asyncdiff_partition.runtime.reference import SamplingRun, check_inputs, step_inputs
@@ -110,6 +113,9 @@ class AsyncDenoiser:
         example: model inputs by name to run the segment once at set-up (zeros for received
             values), so that the first step does not pay for first-time allocations (0.3-0.4 s
             per rank for SD 1.5 on CPU); None skips it.
+        compile: run this rank's segment through ``torch.compile``
+            (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at set-up by
+            the warm-up run).
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -133,6 +139,7 @@ class AsyncDenoiser:
         timestep_input: str = "timestep",
         timeout_s: float | None = None,
         example: Mapping[str, Tensor] | None = None,
+        compile: bool = False,
     ):
         self.rank, self.world_size, self.device = comm.rank(), comm.world_size(), comm.device()
         self.n_segments = plan.n_devices
@@ -153,8 +160,11 @@ class AsyncDenoiser:
         make_schedule(self.n_segments, 0, warmup=self.warmup, stride=self.stride)  # validates
         check_timestep_input(timestep_input, self._input_names, stride=self.stride, time_shift=time_shift)
         check_agreement(segment, plan, timeout_s)
-        if isinstance(segment.module, torch.nn.Module):  # an ONNX segment runs where its session was made
-            segment.module.to(self.device)
+        if isinstance(segment.module, torch.nn.Module):
+            move_module(segment.module, self.device)  # stand-ins stay one element (fx.device_move)
+            if compile:
+                segment = dataclasses.replace(segment, module=compile_segment(segment.module, self.device))
+        # an ONNX segment runs where its session was made
         self._segment = segment
         self._layouts = segment.layouts
         if example:

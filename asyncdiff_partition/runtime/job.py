@@ -72,7 +72,8 @@ def run_plan(config: RunConfig, backend: Backend | None = None) -> dict[str, Any
             "world_size": 1 if config.reference else settings.world, "steps": settings.steps,
             "warmup": settings.warmup, "guidance": config.guidance, "seed": config.seed,
             "boundaries": plan.boundaries, "predicted": plan.predicted,
-            "ideal_speedup": ideal_speedup(settings.steps, settings.warmup, plan.n_devices, settings.stride)}
+            "ideal_speedup": ideal_speedup(settings.steps, settings.warmup, plan.n_devices, settings.stride),
+            "compile": config.compile}
     job = backend.compile(config, plan, settings)
     if config.reference:
         results = {0: backend.reference(config, plan, job, settings)}

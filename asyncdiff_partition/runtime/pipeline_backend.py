@@ -23,6 +23,7 @@ import torch
 import torch.fx
 
 from asyncdiff_partition.fx.capture import CapturedModel
+from asyncdiff_partition.fx.device_move import move_captured
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
 from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, wrap_pipeline
@@ -72,7 +73,7 @@ class TorchBackend:
 
         assert job.built is not None
         schedule = ReferenceSchedule(job.ready, warmup=settings.warmup, stride=settings.stride,
-                                     timestep_input="timestep")
+                                     timestep_input="timestep", compile=config.compile)
         wrap_pipeline(job.built.pipe, schedule, job.shell)
         return {**_sample(config, job.built, schedule, rank=0, steps=settings.steps, images=job.images),
                 "peak_rss": peak_resident_bytes()}
@@ -90,8 +91,8 @@ class TorchBackend:
         built, shell, images = _prepare(config, plan, device=device, captured=shell)
         denoiser = AsyncDenoiser(segment, plan, input_names=[s.name for s in shell.inputs], latent=shell.latent.name,
                                  warmup=settings.warmup, stride=settings.stride, timestep_input="timestep",
-                                 timeout_s=config.timeout_s, example=dict(zip((s.name for s in shell.inputs),
-                                                                              shell.example)))
+                                 timeout_s=config.timeout_s, compile=config.compile,
+                                 example=dict(zip((s.name for s in shell.inputs), shell.example)))
         wrap_pipeline(built.pipe, denoiser, _inputs_only(shell))
         del shell, segment, shipped
         module = denoiser._segment.module
@@ -120,6 +121,8 @@ def _prepare(
     batch, size, _ = latent_shape(plan, config.plan)
     model = captured.model if captured is not None else None
     built = build_pipeline(config.model, seed=config.seed, sample_size=size, model=model)
+    if captured is not None:  # a shipped shell: its weight stand-ins must not grow to full size on the device
+        move_captured(captured, device)
     built.pipe.to(device)  # before a capture: the graph's constants live where the model does
     images = built.images_for_batch(batch, config.guidance)
     if captured is None:

@@ -16,13 +16,15 @@ in one process; every distributed runtime must give the same ε at every step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
+from asyncdiff_partition.fx.compile import compile_segment, module_device
 from asyncdiff_partition.runtime.layout import RunnableSegment
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
@@ -36,6 +38,14 @@ class StepDenoiser(Protocol):
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """ε for the next step, from the model inputs by captured placeholder name."""
+
+
+def _compiled(segment: RunnableSegment) -> Any:
+    """``segment`` (a dataclass: a split or a ready segment) with its torch module compiled."""
+    module = segment.module
+    if not isinstance(module, torch.nn.Module):  # an ONNX segment: onnxruntime already optimises it
+        return segment
+    return replace(cast(Any, segment), module=compile_segment(module, module_device(module)))
 
 
 def step_inputs(inputs: Mapping[str, Tensor], timestep_input: str, value: float | int | None) -> dict[str, Tensor]:
@@ -59,6 +69,8 @@ class ReferenceSchedule:
         stride: 1, or 2 (AsyncDiff's stride denoising; the runtime needs N + 1 ranks).
         time_shift: condition the async phases on the previous step's timestep.
         timestep_input: name of the timestep placeholder (``captured.inputs[i].name``).
+        compile: run every segment through ``torch.compile`` on its device
+            (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at first use).
 
     Raises:
         ScheduleError: bad arguments, or stride 2 / time_shift without a timestep input.
@@ -72,13 +84,14 @@ class ReferenceSchedule:
         stride: int = 1,
         time_shift: bool = False,
         timestep_input: str = "timestep",
+        compile: bool = False,
     ):
         if not segments:
             raise ScheduleError("need at least one segment")
         make_schedule(len(segments), 0, warmup=warmup, stride=stride)  # validates the arguments
         names = sorted({name for segment in segments for name in segment.inputs})
         check_timestep_input(timestep_input, names, stride=stride, time_shift=time_shift)
-        self.segments = list(segments)
+        self.segments = [_compiled(s) for s in segments] if compile else list(segments)
         self.warmup, self.stride, self.time_shift = warmup, stride, time_shift
         self.timestep_input = timestep_input
         self._run: SamplingRun | None = None

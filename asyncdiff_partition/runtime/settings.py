@@ -38,6 +38,7 @@ class RunConfig:
     timeout_s: float = 300.0
     progress: bool = True
     oversubscribe: bool = False  # start more ranks than devices (runtime.preflight)
+    compile: bool = False  # torch.compile each segment (fx.compile.compile_segment)
 
 
 def plan_input_shapes(plan: Any, plan_path: str | Path | None = None) -> list[dict[str, Any]] | None:
