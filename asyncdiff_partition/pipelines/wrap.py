@@ -31,7 +31,7 @@ from torch import Tensor
 
 from asyncdiff_partition.fx.capture import CapturedModel, InputSpec
 
-__all__ = ["DenoiserOutput", "ScheduledDenoiser", "denoise", "fit_inputs", "unwrap_pipeline", "wrap_pipeline"]
+__all__ = ["DenoiserOutput", "ScheduledDenoiser", "call_binding", "denoise", "fit_inputs", "unwrap_pipeline", "wrap_pipeline"]
 
 Inputs = dict[str, Tensor]  # model inputs by captured placeholder name
 
@@ -142,6 +142,10 @@ class ScheduledDenoiser(torch.nn.Module):
         original: the module replaced; defaults to the captured model.
         timesteps: returns the current run's timesteps (``lambda: pipe.scheduler.timesteps``);
             without it, call :meth:`reset` before each run.
+        values: maps the run's timesteps to the values the loop feeds the denoiser, in the
+            pipeline's own form (t / 1000, sigmas: Note [timestep forms] in
+            :mod:`~asyncdiff_partition.pipelines.recording`); None entries are not checked.
+            Steps follow the call count, not the timestep's value.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class ScheduledDenoiser(torch.nn.Module):
         original: torch.nn.Module | None = None,
         *,
         timesteps: Callable[[], Any] | None = None,
+        values: Callable[[Any], Sequence[float | None] | None] | None = None,
     ) -> None:
         super().__init__()
         original = original if original is not None else captured._signature_model
@@ -160,6 +165,7 @@ class ScheduledDenoiser(torch.nn.Module):
         object.__setattr__(self, "denoiser", denoiser)
         self.captured = captured
         self._timesteps = timesteps
+        self._values = values
         self._dtype = param.dtype if param is not None else torch.float32
         self._device = param.device if param is not None else torch.device("cpu")
         self._run: Any = None  # the timesteps object of the current run
@@ -188,6 +194,9 @@ class ScheduledDenoiser(torch.nn.Module):
     def reset(self, timesteps: Sequence[float | int] | Tensor) -> None:
         """Start a new sampling run over ``timesteps`` (the loop's T timesteps, in order)."""
         steps = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
+        if self._values is not None:
+            fed = self._values(timesteps)
+            steps = list(fed) if fed is not None else [None] * len(steps)
         self.denoiser.reset(steps)
         self._run, self._steps, self.step = timesteps, steps, 0
         self.step_ms, self.step_spans = [], []
@@ -232,32 +241,50 @@ class ScheduledDenoiser(torch.nn.Module):
 _DENOISER_ATTRS = ("unet", "transformer")
 
 
-def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel) -> Any:
-    """Put ``denoiser`` in place of ``pipe.unet`` or ``pipe.transformer``; returns ``pipe``.
+def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel, *, name: str | None = None,
+                  form: str | None = "t") -> Any:
+    """Put ``denoiser`` in place of the pipeline's denoiser; returns ``pipe``.
 
     The pipeline's unmodified ``__call__`` then runs the schedule; one sampling run per call.
 
     Example:
         >>> wrap_pipeline(pipe, ReferenceSchedule(segments, warmup=50), captured)  # doctest: +SKIP
 
+    Args:
+        name: the attribute to replace (a :class:`~asyncdiff_partition.pipelines.recording.Recording`'s
+            ``name``); default ``unet``, else ``transformer``.
+        form: how the loop's timestep relates to ``pipe.scheduler`` (Note [timestep forms]);
+            None: not checked.
+
     Raises:
-        TypeError: the pipeline has neither a ``unet`` nor a ``transformer`` module.
+        TypeError: no ``name`` and the pipeline has neither a ``unet`` nor a ``transformer`` module.
     """
-    name = _denoiser_attr(pipe)
+    from asyncdiff_partition.pipelines.recording import timestep_values
+
+    name = name or _denoiser_attr(pipe)
     original = getattr(pipe, name)
     if isinstance(original, ScheduledDenoiser):
         original = original.original
-    setattr(pipe, name, ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps))
+    scheduled = ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps,
+                                  values=lambda _: timestep_values(pipe.scheduler, form))
+    setattr(pipe, name, scheduled)
     return pipe
 
 
 def unwrap_pipeline(pipe: Any) -> Any:
     """Undo :func:`wrap_pipeline`: the original denoiser back in place; returns ``pipe``."""
-    name = _denoiser_attr(pipe)
-    current = getattr(pipe, name)
-    if isinstance(current, ScheduledDenoiser):
-        setattr(pipe, name, current.original)
+    for name, current in list(vars(pipe).items()):
+        if isinstance(current, ScheduledDenoiser):
+            setattr(pipe, name, current.original)
     return pipe
+
+
+def call_binding(captured: CapturedModel) -> CapturedModel:
+    """The capture without its graph and examples: what :class:`ScheduledDenoiser` needs to bind calls."""
+    from dataclasses import replace
+
+    empty = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    return replace(captured, graph_module=empty, example=[])
 
 
 def _denoiser_attr(pipe: Any) -> str:
