@@ -288,3 +288,29 @@ def build(family: str, folder: str | Path, seed: int = 0) -> tuple[Any, dict[str
     pipe, kwargs = FAMILIES[family](folder, seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe, kwargs
+
+
+def sample(pipe: Any, kwargs: dict[str, Any], steps: int, seed: int = 0) -> torch.Tensor:
+    """The pipeline's final latent (or image) as a tensor, from a seeded generator."""
+    import numpy as np
+
+    out = pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    value = out[0]
+    return torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+
+
+def parallel_sample(families: list[str], folder: str, cache_dir: str, steps: int) -> dict[str, Any]:
+    """One rank of a 2-process test: every family built with the same seed, parallelized, sampled.
+
+    Returns ``{family: (output, plan as a dict)}``; runs under ``launch.launch``.
+    """
+    from asyncdiff_partition.pipelines.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    results = {}
+    for family in families:
+        pipe, kwargs = build(family, folder)
+        parallelize(pipe, devices=2, warmup=1, cache_dir=cache_dir, timeout_s=120, **kwargs)
+        denoiser = next(v for v in vars(pipe).values() if hasattr(v, "plan") and hasattr(v, "denoiser"))
+        results[family] = (sample(pipe, kwargs, steps), denoiser.plan.to_dict())
+    return results

@@ -59,6 +59,7 @@ def parallelize(
 ) -> Any:
     """Replace ``pipe``'s denoiser with the asynchronous schedule over ``devices`` segments; returns ``pipe``.
 
+    The plan in use is ``getattr(pipe, name).plan`` afterwards (``pipe.unet.plan``, say).
     Call it on every rank with the arguments you will call the pipeline with (size, batch,
     guidance, inputs: ``call_kwargs``); then call ``pipe(...)`` as before. Under a launcher
     (``torchrun``, :func:`~asyncdiff_partition.runtime.launch.launch`) there must be
@@ -118,13 +119,16 @@ def parallelize(
 
         segments = split_graph(captured, build_op_graph(captured), chosen.boundaries)
         schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input=timestep)
-        return wrap_pipeline(pipe, schedule, captured, name=recording.name, form=recording.form)
+        wrap_pipeline(pipe, schedule, captured, name=recording.name, form=recording.form)
+        getattr(pipe, recording.name).plan = chosen
+        return pipe
     from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
     from asyncdiff_partition.runtime.job import release_weights
 
     denoiser = AsyncDenoiser(captured, chosen, warmup=warmup, stride=stride, timestep_input=timestep,
                              timeout_s=timeout_s)
     wrap_pipeline(pipe, denoiser, call_binding(captured), name=recording.name, form=recording.form)
+    getattr(pipe, recording.name).plan = chosen
     del captured
     release_weights(recording.module, denoiser._segment.module)  # only this rank's segment stays
     recording.args, recording.kwargs = (), {}
