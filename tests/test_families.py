@@ -8,8 +8,8 @@ W >= T equals the pipeline exactly, W = 1 stays finite (its max difference is pr
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny_pipelines
+import torch
 from tiny_pipelines import FAMILIES, build, sample
 
 from asyncdiff_partition.pipelines.parallelize import parallelize
