@@ -44,7 +44,7 @@ def test_the_recording_leaves_the_pipeline_and_random_state_alone(folder):
     assert pipe.scheduler is scheduler and "forward" not in vars(pipe.transformer)
     assert pipe.transformer.forward == forward and torch.equal(torch.random.get_rng_state(), state)
     assert recording.name == "transformer" and recording.timestep == "timestep" and recording.form == "t/1000"
-    assert recording.kwargs["hidden_states"].shape == (1, 64, 16) and recording.kwargs["guidance"] is None
+    assert recording.kwargs["hidden_states"].shape == (1, 16, 16) and recording.kwargs["guidance"] is None
 
 
 def test_a_failing_dry_run_is_one_clear_error(folder):

@@ -18,6 +18,7 @@ import torch
 
 TEXT = 32  # hidden size of every tiny text encoder
 TOKENS = 16  # max length of the T5 prompts (Flux, PixArt)
+SIZE = 16  # image height and width of every family (latent 8 x 8; the upscaler takes 16 px, makes 64)
 
 
 def tokenizer(folder: str | Path) -> Any:
@@ -109,7 +110,7 @@ def sd(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_text(), tokenizer=tokenizer(folder), unet=sd_unet(),
                                    scheduler=_ddim(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    return pipe, dict(prompt="a red cube", height=32, width=32, guidance_scale=5.0)
+    return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=5.0)
 
 
 def sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -126,7 +127,7 @@ def sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True),
                                      tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler)
-    return pipe, dict(prompt="a red cube", height=32, width=32, guidance_scale=5.0)
+    return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=5.0)
 
 
 def sd3(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -143,7 +144,7 @@ def sd3(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                                     vae=vae(shift_factor=0.06), text_encoder=clip_text(projection=True), tokenizer=tok,
                                     text_encoder_2=clip_text(projection=True), tokenizer_2=tok, text_encoder_3=None,
                                     tokenizer_3=None)
-    return pipe, dict(prompt="a red cube", height=32, width=32, guidance_scale=5.0)
+    return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=5.0)
 
 
 def flux(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -158,7 +159,7 @@ def flux(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.06),
                         text_encoder=clip_text(), tokenizer=tok, text_encoder_2=t5_text(), tokenizer_2=tok,
                         transformer=transformer)
-    return pipe, dict(prompt="a red cube", height=32, width=32, guidance_scale=3.5, max_sequence_length=TOKENS)
+    return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=3.5, max_sequence_length=TOKENS)
 
 
 def controlnet(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -174,8 +175,8 @@ def controlnet(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                                              unet=sd_unet(), controlnet=net, scheduler=_ddim(), safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
     generator = torch.Generator().manual_seed(seed)
-    image = torch.rand(1, 3, 32, 32, generator=generator)
-    return pipe, dict(prompt="a red cube", image=image, height=32, width=32, guidance_scale=5.0)
+    image = torch.rand(1, 3, SIZE, SIZE, generator=generator)
+    return pipe, dict(prompt="a red cube", image=image, height=SIZE, width=SIZE, guidance_scale=5.0)
 
 
 def upscaler(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -205,7 +206,7 @@ def pixart(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                                            norm_eps=1e-6).eval()
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer(folder), text_encoder=t5_text(), vae=vae(), transformer=transformer,
                                scheduler=_ddim())
-    return pipe, dict(prompt="a red cube", height=32, width=32, guidance_scale=4.5, use_resolution_binning=False,
+    return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=4.5, use_resolution_binning=False,
                       max_sequence_length=TOKENS, clean_caption=False)
 
 
@@ -239,7 +240,7 @@ def svd(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
     pipe = StableVideoDiffusionPipeline(vae=decoder, image_encoder=encoder, unet=unet, scheduler=scheduler,
                                         feature_extractor=processor)
-    return pipe, dict(image=random_image(seed), height=32, width=32, num_frames=2, decode_chunk_size=2)
+    return pipe, dict(image=random_image(seed), height=SIZE, width=SIZE, num_frames=2, decode_chunk_size=2)
 
 
 def animatediff(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -251,7 +252,7 @@ def animatediff(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]
                             motion_num_attention_heads=2, motion_max_seq_length=8)
     pipe = AnimateDiffPipeline(vae=vae(), text_encoder=clip_text(), tokenizer=tokenizer(folder), unet=sd_unet(),
                                motion_adapter=adapter, scheduler=_ddim())
-    return pipe, dict(prompt="a red cube", height=32, width=32, num_frames=2, guidance_scale=5.0)
+    return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, num_frames=2, guidance_scale=5.0)
 
 
 def dit(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -299,9 +300,11 @@ def sample(pipe: Any, kwargs: dict[str, Any], steps: int, seed: int = 0) -> torc
     return torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
 
 
-def parallel_sample(families: list[str], folder: str, cache_dir: str, steps: int) -> dict[str, Any]:
+def parallel_sample(families: list[str], folder: str, cache_dir: str, steps: int,
+                    plans: dict[str, str] | None = None) -> dict[str, Any]:
     """One rank of a 2-process test: every family built with the same seed, parallelized, sampled.
 
+    ``plans``: a saved plan file per family (rank 0 loads it and sends it); default: rank 0 plans.
     Returns ``{family: (output, plan as a dict)}``; runs under ``launch.launch``.
     """
     from asyncdiff_partition.pipelines.parallelize import parallelize
@@ -310,7 +313,8 @@ def parallel_sample(families: list[str], folder: str, cache_dir: str, steps: int
     results = {}
     for family in families:
         pipe, kwargs = build(family, folder)
-        parallelize(pipe, devices=2, warmup=1, cache_dir=cache_dir, timeout_s=120, **kwargs)
+        parallelize(pipe, devices=2, warmup=1, cache_dir=cache_dir, plan=(plans or {}).get(family), timeout_s=120,
+                    **kwargs)
         denoiser = next(v for v in vars(pipe).values() if hasattr(v, "plan") and hasattr(v, "denoiser"))
         results[family] = (sample(pipe, kwargs, steps), denoiser.plan.to_dict())
     return results

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import Plan, PlanError, SegmentPlan, make_plan
@@ -30,7 +31,7 @@ from asyncdiff_partition.fx.capture import CapturedModel, capture_model
 from asyncdiff_partition.pipelines.recording import Recording, record_denoiser_call
 from asyncdiff_partition.pipelines.wrap import call_binding, unwrap_pipeline, wrap_pipeline
 
-__all__ = ["CACHE_ENV", "ParallelizeError", "default_cache_dir", "parallelize"]
+__all__ = ["CACHE_ENV", "ParallelizeError", "choose_plan", "default_cache_dir", "parallelize"]
 
 CACHE_ENV = "ASYNCDIFF_CACHE"
 
@@ -106,9 +107,9 @@ def parallelize(
         if device.type == "cuda":
             pipe.to(device)
     recording = record_denoiser_call(pipe, **call_kwargs)
-    captured = capture_model(recording.module, recording.args, recording.kwargs)
+    captured = _capture(recording, keep=reference)
     timestep = _timestep_input(captured, recording, stride)
-    decide = functools.partial(_plan, captured, recording, devices, stride=stride, warmup=warmup, plan=plan,
+    decide = functools.partial(choose_plan, captured, recording, devices, stride=stride, warmup=warmup, plan=plan,
                                cache_dir=cache_dir, steps=steps)
     chosen = _agree(decide, launched)
     del decide
@@ -133,6 +134,26 @@ def parallelize(
     release_weights(recording.module, denoiser._segment.module)  # only this rank's segment stays
     recording.args, recording.kwargs = (), {}
     return pipe
+
+
+_CAPTURE_ATTR = "_asyncdiff_capture"  # on the denoiser: (call key, capture); a cycle, so the gc frees both
+
+
+def _capture(recording: Recording, *, keep: bool) -> CapturedModel:
+    """Capture the recorded call; with ``keep`` (reference runs, weights stay) a capture of the same
+    module at the same call structure, shapes and dtypes is reused, so parallelizing again
+    (another warm-up, another plan) does not capture again."""
+    leaves, spec = pytree.tree_flatten((recording.args, recording.kwargs))
+    key = (str(spec), tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x)
+                            for x in leaves))
+    cached = recording.module.__dict__.pop(_CAPTURE_ATTR, None)
+    if keep and cached is not None and cached[0] == key:
+        captured = cached[1]
+    else:
+        captured = capture_model(recording.module, recording.args, recording.kwargs)
+    if keep:
+        object.__setattr__(recording.module, _CAPTURE_ATTR, (key, captured))
+    return captured
 
 
 def _timestep_input(captured: CapturedModel, recording: Recording, stride: int) -> str:
@@ -165,8 +186,13 @@ def _agree(decide: Callable[[], Plan], launched: bool) -> Plan:
     return Plan(**data)
 
 
-def _plan(captured: CapturedModel, recording: Recording, devices: int, *, stride: int, warmup: int,
-          plan: str | Path | None, cache_dir: str | Path | None, steps: int) -> Plan:
+def choose_plan(captured: CapturedModel, recording: Recording, devices: int, *, stride: int, warmup: int,
+                plan: str | Path | None, cache_dir: str | Path | None, steps: int) -> Plan:
+    """``plan`` loaded and checked against ``captured``, or a plan made from its (cached) profile.
+
+    Raises:
+        PlanError: ``plan`` was made for another model or shapes, or for another number of segments.
+    """
     from asyncdiff_partition.core.profile import Profile, fingerprint
     from asyncdiff_partition.fx.opgraph import build_op_graph
 
