@@ -31,7 +31,8 @@ from torch import Tensor
 
 from asyncdiff_partition.fx.capture import CapturedModel, InputSpec
 
-__all__ = ["DenoiserOutput", "ScheduledDenoiser", "call_binding", "denoise", "fit_inputs", "unwrap_pipeline", "wrap_pipeline"]
+__all__ = ["DenoiserOutput", "ScheduledDenoiser", "call_binding", "denoise", "denoiser_name", "fit_inputs", "unwrap_pipeline",
+           "wrap_pipeline"]
 
 Inputs = dict[str, Tensor]  # model inputs by captured placeholder name
 
@@ -238,9 +239,6 @@ class ScheduledDenoiser(torch.nn.Module):
         return list(self.step_spans)
 
 
-_DENOISER_ATTRS = ("unet", "transformer")
-
-
 def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel, *, name: str | None = None,
                   form: str | None = "t") -> Any:
     """Put ``denoiser`` in place of the pipeline's denoiser; returns ``pipe``.
@@ -252,16 +250,16 @@ def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel, *, name: st
 
     Args:
         name: the attribute to replace (a :class:`~asyncdiff_partition.pipelines.recording.Recording`'s
-            ``name``); default ``unet``, else ``transformer``.
+            ``name``); default: the attribute holding the captured model (:func:`denoiser_name`).
         form: how the loop's timestep relates to ``pipe.scheduler`` (Note [timestep forms]);
             None: not checked.
 
     Raises:
-        TypeError: no ``name`` and the pipeline has neither a ``unet`` nor a ``transformer`` module.
+        TypeError: no ``name`` and no attribute of the pipeline holds the captured model.
     """
     from asyncdiff_partition.pipelines.recording import timestep_values
 
-    name = name or _denoiser_attr(pipe)
+    name = name or denoiser_name(pipe, captured._signature_model)
     original = getattr(pipe, name)
     if isinstance(original, ScheduledDenoiser):
         original = original.original
@@ -287,11 +285,34 @@ def call_binding(captured: CapturedModel) -> CapturedModel:
     return replace(captured, graph_module=empty, example=[])
 
 
-def _denoiser_attr(pipe: Any) -> str:
-    for name in _DENOISER_ATTRS:
-        if isinstance(getattr(pipe, name, None), torch.nn.Module):
-            return name
-    raise TypeError(f"{type(pipe).__name__} has neither a 'unet' nor a 'transformer' module to replace")
+def denoiser_name(pipe: Any, module: Any = None) -> str:
+    """The pipeline attribute holding ``module``: by identity, else the one component of its class;
+    without ``module``, the attribute holding a :class:`ScheduledDenoiser`.
+
+    Found, not named: no table of ``unet`` / ``transformer``; a pipeline's own call finds its
+    denoiser with :func:`~asyncdiff_partition.pipelines.recording.record_denoiser_call`.
+
+    Raises:
+        TypeError: no attribute (or several of the class) holds it.
+    """
+    found = list(vars(pipe).items())
+
+    def held(value: Any) -> Any:
+        return value.original if isinstance(value, ScheduledDenoiser) else value
+
+    same = [name for name, value in found if module is not None and held(value) is module]
+    if not same and module is not None:
+        same = [name for name, value in found if type(held(value)) is type(module)]
+    if module is None:
+        same = [name for name, value in found if isinstance(value, ScheduledDenoiser)]
+    if len(same) != 1:
+        raise TypeError(f"{len(same)} attributes of {type(pipe).__name__} hold a {type(module).__name__} denoiser "
+                        f"({same}); pass name= (the attribute to replace), or use parallelize(pipe, ...), which "
+                        "finds it from the pipeline's own call")
+    return same[0]
+
+
+_denoiser_attr = denoiser_name  # the old private name, still imported by runtime/job.py
 
 
 # --- custom loops -----------------------------------------------------------------------------
