@@ -80,6 +80,16 @@ size_option = click.option("--size", type=click.IntRange(min=1), default=None,
                            help="Latent height/width (default: the model's sample_size).")
 
 
+def prompt_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--prompt / --image / --guidance: sample or profile a pipeline folder through its own call."""
+    command = click.option("--guidance", "guidance", type=float, default=None,
+                           help="With --prompt: the pipeline's guidance_scale (default: the pipeline's).")(command)
+    command = click.option("--image", type=click.Path(dir_okay=False), default=None,
+                           help="With a pipeline folder: the conditioning image (ControlNet, image-to-X).")(command)
+    return click.option("--prompt", default=None, metavar="TEXT",
+                        help="Use --model PIPELINE_DIR's own pipeline with this prompt (--size: image pixels).")(command)
+
+
 @main.command()
 def models() -> None:
     """List the built-in model zoo."""
@@ -123,8 +133,10 @@ def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool)
 @click.option("--compile", "compile_", is_flag=True,
               help="Scale every node's cost by the whole model's compiled/eager time, so that plans balance "
               "compiled segments (see asyncdiff_partition.fx.compile).")
+@prompt_options
 @user_errors
-def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path, compile_) -> None:
+def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path, compile_, prompt,
+            image, guidance) -> None:
     """Measure the cost of every node of a model on a device and save a profile file.
 
     --model also takes an .onnx file: it is profiled by onnxruntime's own profiler, and --batch /
@@ -137,7 +149,13 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, l
 
     torch.set_num_threads(profile_threads)
     command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
-    if is_onnx_path(model_spec):
+    if prompt is not None or image is not None:  # a pipeline folder: its own call, recorded
+        from asyncdiff_partition.runtime.pipeline_job import PipelineRun, profile_pipeline
+
+        result = profile_pipeline(PipelineRun(model=model_spec or "", prompt=prompt, image=image, size=size,
+                                              guidance=guidance), device=device, warmup=warmup, repeats=repeats,
+                                  command=command)
+    elif is_onnx_path(model_spec):
         result = profile_onnx(model_spec, device=device, threads=profile_threads, warmup=warmup, repeats=repeats,
                               command=command, batch=batch, size=size, latent=latent)
     else:
@@ -229,8 +247,16 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
 @main.command()
 @click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
               help="Zoo name, local diffusers model/pipeline directory or .onnx file (default: the plan's model).")
-@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
-              help="Plan file from `asyncdiff-partition plan`.")
+@click.option("--plan", "plan_path", default=None, type=click.Path(dir_okay=False),
+              help="Plan file from `asyncdiff-partition plan` (with --prompt: optional, made on the fly).")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="Sample --model PIPELINE_DIR's own pipeline with this prompt, parallelized.")
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="With --prompt: the conditioning image (ControlNet, image-to-X pipelines).")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="With --prompt: N segments (default: the plan's, else 2).")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="With --prompt: image height/width in pixels (default: the pipeline's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps T (default: the plan's).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps W (default: the plan's).")
 @click.option("--stride", type=click.Choice(["1", "2"]), default=None, help="Stride S (default: the plan's).")
@@ -256,13 +282,25 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
               "else eager with a warning).")
 @click.pass_context
 @user_errors
-def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
-        timeout_s, oversubscribe, compile_) -> None:
+def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance, out_dir,
+        trace_path, nproc, reference, timeout_s, oversubscribe, compile_) -> None:
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
-    An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy.
+    With --prompt (and --image), --model is a saved diffusers pipeline folder: its own pipeline
+    runs, parallelized, and writes its real output. An .onnx model (onnxruntime segments)
+    denoises a seeded random latent and writes latent.npy.
     Ctrl-C or SIGTERM ends every rank and exits with status 130 or 143."""
     from asyncdiff_partition.runtime.launch import DEBUG_ENV, Interrupted, handle_interrupts
+
+    if prompt is not None or image is not None:
+        _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
+                      out_dir, reference, timeout_s)
+        return
+    if plan_path is None:
+        from asyncdiff_partition.runtime.pipeline_job import PipelineJobError
+
+        raise PipelineJobError("run needs --plan FILE (from 'asyncdiff-partition plan'), or --model PIPELINE_DIR "
+                               "--prompt TEXT to run a saved pipeline")
 
     if ctx.obj.get("debug"):
         os.environ[DEBUG_ENV] = "1"  # the ranks and the launcher keep torch's logs and warnings
@@ -290,6 +328,28 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
     click.echo(f"wrote {result['report']}")
     if result["trace"]:
         click.echo(f"wrote {result['trace']}")
+
+
+def _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
+                  out_dir, reference, timeout_s) -> None:
+    from asyncdiff_partition.runtime.pipeline_job import PipelineJobError, PipelineRun, run_pipeline
+
+    if model_spec is None:
+        raise PipelineJobError("--prompt needs --model PIPELINE_DIR (a folder written by the pipeline's "
+                               "save_pretrained); add --model")
+    config = PipelineRun(model=model_spec, prompt=prompt, image=image, devices=devices, plan=plan_path, size=size,
+                         steps=steps, guidance=guidance, warmup=1 if warmup is None else warmup,
+                         stride=int(stride or 1), seed=seed, out_dir=out_dir, reference=reference,
+                         threads=ctx.parent.params.get("threads"), timeout_s=timeout_s, progress=True)
+    result = run_pipeline(config)
+    if "pipeline" in result:
+        click.echo(f"{result['pipeline']}: {result['denoiser']} ({result['dtype']}, latent "
+                   f"{'x'.join(map(str, result['latent_shape']))}) split at {result['boundaries']}; "
+                   f"sampling took {result['wall_s']:.2f} s")
+    for path in result.get("images", []) + result.get("frames", []) + result.get("videos", []):
+        click.echo(f"wrote {path}")
+    if result.get("plan") and not plan_path:
+        click.echo(f"wrote {result['plan']}")
 
 
 @main.command("export-onnx")

@@ -6,13 +6,11 @@ import pytest
 import torch
 from conftest import tiny_captured
 
-from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import make_plan
 from asyncdiff_partition.fx.device_move import move_captured, moved
-from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.fx.ready import ready_segments
 from asyncdiff_partition.fx.shipping import is_stand_in, ship_segments
-from asyncdiff_partition.fx.split import split_graph
 
 MODEL = "tiny-unet2d-condition"
 
@@ -24,15 +22,21 @@ def _storage_bytes(tensors) -> int:
 def _shipped(tmp_path):
     captured = tiny_captured(MODEL)
     plan = make_plan(profile_model(captured, model_name=MODEL, warmup=0, repeats=1), 2)
-    segments = split_graph(captured, place(build_op_graph(captured), plan.boundaries))
-    return ship_segments(captured, segments, tmp_path), segments
+    segments = ready_segments(captured, plan, world_size=2)
+    return ship_segments(segments, tmp_path, captured), segments
+
+
+def _weights(shell) -> list[torch.Tensor]:
+    """The shell's tensors: its segment's module and the original model (the rest as stand-ins)."""
+    tensors = [*shell.graph_module.parameters(), *shell.graph_module.buffers(), *shell.model.parameters(),
+               *shell.model.buffers()]
+    return list({id(t): t for t in tensors}.values())
 
 
 def test_stand_ins_stay_one_element_when_moved_with_a_dtype_change(tmp_path):
     shipped, segments = _shipped(tmp_path)
-    captured = shipped.load(0)
-    gm = captured.graph_module
-    weights = list({id(t): t for t in [*gm.parameters(), *gm.buffers()]}.values())
+    _, captured = shipped.load(0)
+    weights = _weights(captured)
     stand_ins = [t for t in weights if is_stand_in(t)]
     real = [t for t in weights if not is_stand_in(t)]
     assert stand_ins and real
@@ -46,7 +50,7 @@ def test_stand_ins_stay_one_element_when_moved_with_a_dtype_change(tmp_path):
     for t in real:
         torch.testing.assert_close(t, before[id(t)].to(t.dtype))
     assert kept == pytest.approx(2 * own, rel=0.01)  # fp32 -> fp64: the segment's weights, doubled, and no more
-    model = captured._signature_model  # shares its tensors with the graph: moved in place, once
+    model = captured.model  # shares its tensors with the graph: moved in place, once
     assert {id(p) for p in model.parameters()} <= {id(t) for t in weights}
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
@@ -54,8 +58,7 @@ def test_stand_ins_stay_one_element_when_moved_with_a_dtype_change(tmp_path):
 def test_module_to_would_expand_every_stand_in_to_full_size(tmp_path):
     # The behaviour fx.device_move replaces: Tensor.to of an expanded tensor allocates it dense.
     shipped, _ = _shipped(tmp_path)
-    gm = shipped.load(0).graph_module
-    stand_ins = [t for t in gm.parameters() if is_stand_in(t)]
+    stand_ins = [t for t in _weights(shipped.load(0)[1]) if is_stand_in(t)]
     full = sum(t.numel() * 8 for t in stand_ins)
     assert _storage_bytes([t.to(torch.float64) for t in stand_ins]) == full
     assert _storage_bytes([moved(t, "cpu", torch.float64) for t in stand_ins]) == 8 * len(stand_ins)

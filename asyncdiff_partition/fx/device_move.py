@@ -70,7 +70,7 @@ def move_captured(captured: Any, device: torch.device | str | None = None, dtype
         value = resolve_attr(gm, str(node.target))
         if isinstance(value, Tensor):
             real += _move_in_place(value, device, dtype, done)
-    model = getattr(captured, "_signature_model", None)
+    model = getattr(captured, "model", None)
     if model is not None:
         for t in (*model.parameters(), *model.buffers()):
             real += _move_in_place(t, device, dtype, done)

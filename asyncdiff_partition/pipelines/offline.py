@@ -27,7 +27,7 @@ from torch import Tensor
 
 from asyncdiff_partition.core.errors import ConfigError, UnsupportedError
 from asyncdiff_partition.fx.capture import CapturedModel, capture_model
-from asyncdiff_partition.pipelines import zoo
+from asyncdiff_partition.pipelines import synthesis, zoo
 from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline
 from asyncdiff_partition.pipelines.wrap import takes_argument
 
@@ -226,11 +226,11 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
         return BuiltPipeline(pipe, model, "class", seed)
     ctx = cfg.encoder_hid_dim or cfg.cross_attention_dim
     ctx = ctx if isinstance(ctx, int) else ctx[0]
-    text: dict[str, Any] = {name: torch.randn(1, zoo.TEXT_TOKENS, ctx, generator=gen)
+    text: dict[str, Any] = {name: torch.randn(1, synthesis.TEXT_TOKENS, ctx, generator=gen)
                             for name in ("prompt_embeds", "negative_prompt_embeds")}
     if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop ids
         h, w = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size
-        n_text = cfg.projection_class_embeddings_input_dim - zoo.SDXL_TIME_IDS * cfg.addition_time_embed_dim
+        n_text = cfg.projection_class_embeddings_input_dim - synthesis.SDXL_TIME_IDS * cfg.addition_time_embed_dim
         ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]], dtype=torch.float32)
         for name in ("added_cond_kwargs", "negative_added_cond_kwargs"):
             text[name] = {"text_embeds": torch.randn(1, n_text, generator=gen), "time_ids": ids}

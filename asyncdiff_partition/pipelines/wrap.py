@@ -29,14 +29,15 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from asyncdiff_partition.core.errors import UnsupportedError, UsageError
+from asyncdiff_partition.core.errors import UsageError
 from asyncdiff_partition.fx.capture import CallError, CapturedModel, InputSpec
 
 __all__ = [
     "DenoiserOutput",
     "ScheduledDenoiser",
+    "call_binding",
     "denoise",
-    "denoiser_attr",
+    "denoiser_name",
     "fit_inputs",
     "takes_argument",
     "unwrap_pipeline",
@@ -152,6 +153,10 @@ class ScheduledDenoiser(torch.nn.Module):
         original: the module replaced; defaults to the captured model.
         timesteps: returns the current run's timesteps (``lambda: pipe.scheduler.timesteps``);
             without it, call :meth:`reset` before each run.
+        values: maps the run's timesteps to the values the loop feeds the denoiser, in the
+            pipeline's own form (t / 1000, sigmas: Note [timestep forms] in
+            :mod:`~asyncdiff_partition.pipelines.recording`); None entries are not checked.
+            Steps follow the call count, not the timestep's value.
     """
 
     def __init__(
@@ -161,6 +166,7 @@ class ScheduledDenoiser(torch.nn.Module):
         original: torch.nn.Module | None = None,
         *,
         timesteps: Callable[[], Any] | None = None,
+        values: Callable[[Any], Sequence[float | None] | None] | None = None,
     ) -> None:
         super().__init__()
         original = original if original is not None else captured.model
@@ -170,6 +176,7 @@ class ScheduledDenoiser(torch.nn.Module):
         object.__setattr__(self, "denoiser", denoiser)
         self.captured = captured
         self._timesteps = timesteps
+        self._values = values
         self._dtype = param.dtype if param is not None else torch.float32
         self._device = param.device if param is not None else torch.device("cpu")
         self._run: Any = None  # the timesteps object of the current run
@@ -198,6 +205,9 @@ class ScheduledDenoiser(torch.nn.Module):
     def reset(self, timesteps: Sequence[float | int] | Tensor) -> None:
         """Start a new sampling run over ``timesteps`` (the loop's T timesteps, in order)."""
         steps = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
+        if self._values is not None:
+            fed = self._values(timesteps)
+            steps = list(fed) if fed is not None else [None] * len(steps)
         self.denoiser.reset(steps)
         self._run, self._steps, self.step = timesteps, steps, 0
         self.step_ms, self.step_spans = [], []
@@ -239,43 +249,79 @@ class ScheduledDenoiser(torch.nn.Module):
         return list(self.step_spans)
 
 
-_DENOISER_ATTRS = ("unet", "transformer")
-
-
-def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel) -> Any:
-    """Put ``denoiser`` in place of ``pipe.unet`` or ``pipe.transformer``; returns ``pipe``.
+def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel, *, name: str | None = None,
+                  form: str | None = "t") -> Any:
+    """Put ``denoiser`` in place of the pipeline's denoiser; returns ``pipe``.
 
     The pipeline's unmodified ``__call__`` then runs the schedule; one sampling run per call.
 
     Example:
         >>> wrap_pipeline(pipe, ReferenceSchedule(segments, warmup=50), captured)  # doctest: +SKIP
 
+    Args:
+        name: the attribute to replace (a :class:`~asyncdiff_partition.pipelines.recording.Recording`'s
+            ``name``); default: the attribute holding the captured model (:func:`denoiser_name`).
+        form: how the loop's timestep relates to ``pipe.scheduler`` (Note [timestep forms]);
+            None: not checked.
+
     Raises:
-        UnsupportedError: the pipeline has neither a ``unet`` nor a ``transformer`` module.
+        TypeError: no ``name`` and no attribute of the pipeline holds the captured model.
     """
-    name = denoiser_attr(pipe)
+    from asyncdiff_partition.pipelines.recording import timestep_values
+
+    name = name or denoiser_name(pipe, captured.model)
     original = getattr(pipe, name)
     if isinstance(original, ScheduledDenoiser):
         original = original.original
-    setattr(pipe, name, ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps))
+    scheduled = ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps,
+                                  values=lambda _: timestep_values(pipe.scheduler, form))
+    setattr(pipe, name, scheduled)
     return pipe
 
 
 def unwrap_pipeline(pipe: Any) -> Any:
     """Undo :func:`wrap_pipeline`: the original denoiser back in place; returns ``pipe``."""
-    name = denoiser_attr(pipe)
-    current = getattr(pipe, name)
-    if isinstance(current, ScheduledDenoiser):
-        setattr(pipe, name, current.original)
+    for name, current in list(vars(pipe).items()):
+        if isinstance(current, ScheduledDenoiser):
+            setattr(pipe, name, current.original)
     return pipe
 
 
-def denoiser_attr(pipe: Any) -> str:
-    """The name of the pipeline's denoiser attribute (``unet`` or ``transformer``)."""
-    for name in _DENOISER_ATTRS:
-        if isinstance(getattr(pipe, name, None), torch.nn.Module):
-            return name
-    raise UnsupportedError(f"{type(pipe).__name__} has neither a 'unet' nor a 'transformer' module to replace")
+def call_binding(captured: CapturedModel) -> CapturedModel:
+    """The capture without its graph and examples: what :class:`ScheduledDenoiser` needs to bind calls."""
+    from dataclasses import replace
+
+    empty = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    return replace(captured, graph_module=empty, example=[])
+
+
+def denoiser_name(pipe: Any, module: Any = None) -> str:
+    """The pipeline attribute holding ``module``: by identity, else the one component of its class;
+    without ``module``, the attribute holding a :class:`ScheduledDenoiser`.
+
+    Found, not named: no table of ``unet`` / ``transformer``; a pipeline's own call finds its
+    denoiser with :func:`~asyncdiff_partition.pipelines.recording.record_denoiser_call`.
+
+    Raises:
+        TypeError: no attribute (or several of the class) holds it.
+    """
+    found = list(vars(pipe).items())
+
+    def held(value: Any) -> Any:
+        return value.original if isinstance(value, ScheduledDenoiser) else value
+
+    same = [name for name, value in found if module is not None and held(value) is module]
+    if not same and module is not None:
+        same = [name for name, value in found if type(held(value)) is type(module)]
+    if module is None:
+        same = [name for name, value in found if isinstance(value, ScheduledDenoiser)]
+    if len(same) != 1:
+        raise TypeError(f"{len(same)} attributes of {type(pipe).__name__} hold a {type(module).__name__} denoiser "
+                        f"({same}); pass name= (the attribute to replace), or use parallelize(pipe, ...), which "
+                        "finds it from the pipeline's own call")
+    return same[0]
+
+
 
 
 # --- custom loops -----------------------------------------------------------------------------

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
 
-from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError, UnsupportedError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.pipelines.digits import load_digits_model
+from asyncdiff_partition.pipelines.synthesis import ModelInputs, synthesize_inputs
 
 Config = dict[str, Any]
 
@@ -102,31 +102,6 @@ TRAINED_MODELS: tuple[str, ...] = ("digits",)  # shipped weights, loaded by digi
 TINY_MODELS: tuple[str, ...] = tuple(n for n in _CONFIGS if n.startswith("tiny-"))
 FULL_MODELS: tuple[str, ...] = tuple(n for n in _CONFIGS if not n.startswith("tiny-"))
 DEFAULT_MODEL = "digits"
-
-TEXT_TOKENS = 77  # CLIP's context length: the encoder_hidden_states length SD pipelines use
-SDXL_TIME_IDS = 6  # (orig h, orig w, crop top, crop left, target h, target w)
-
-_SUPPORTED = (
-    "UNet2DConditionModel",
-    "UNet2DModel",
-    "DiTTransformer2DModel",
-    "SD3Transformer2DModel",
-    "UNetSpatioTemporalConditionModel",
-)
-
-
-@dataclass
-class ModelInputs:
-    """Example inputs of a denoiser: call it as ``model(*inputs.args, **inputs.kwargs)``.
-
-    ``args`` holds the latent alone; every other input is in ``kwargs`` by name, with
-    ``return_dict=False`` so that diffusers models return a plain tuple.
-    """
-
-    args: tuple
-    kwargs: dict[str, Any]
-    latent: str  # the latent argument's name: "sample" or "hidden_states"
-
 
 class UnknownModelError(AsyncDiffError, ValueError):
     """A model spec that is neither a zoo name nor a local directory."""
@@ -253,106 +228,17 @@ def check_sample_size(model: torch.nn.Module, size: int) -> None:
 def example_inputs(
     model: torch.nn.Module, *, batch: int = 2, sample_size: int | None = None, seed: int = 0
 ) -> ModelInputs:
-    """Random inputs of the right shapes and dtypes for a diffusers denoiser.
+    """Random inputs of the right shapes and dtypes for a denoiser, made from its signature and config.
+
+    See :func:`~asyncdiff_partition.pipelines.synthesis.synthesize_inputs` (no class table).
 
     Args:
-        model: one of the supported diffusers classes (see Raises).
+        model: a denoiser with a diffusers-style config.
         batch: batch size; 2 is one classifier-free-guidance pair.
         sample_size: latent height and width; defaults to ``model.config.sample_size``.
         seed: seed of the torch.Generator that draws every input.
 
     Raises:
-        UnsupportedError: the model's class is not supported (a TypeError).
+        SynthesisError: an argument cannot be made from the config (one line naming it).
     """
-    kind = type(model).__name__
-    if kind not in _SUPPORTED:
-        raise UnsupportedError(
-            f"example_inputs supports {', '.join(_SUPPORTED)}, not {kind}; "
-            "capture a custom model with capture_model(model, args, kwargs) directly"
-        )
-    cfg: Any = model.config  # a diffusers FrozenDict read by attribute
-    size = sample_size if sample_size is not None else cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    param = next(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(param)
-
-    def randint(high: int) -> torch.Tensor:
-        return torch.randint(0, high, (batch,), generator=gen).to(param.device)
-
-    # One timestep shared by the batch, as in a sampling loop.
-    t_long = torch.randint(0, 1000, (1,), generator=gen).expand(batch).to(param.device)
-    kwargs: dict[str, Any] = {}
-
-    if kind == "UNet2DConditionModel":
-        latent = "sample"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["timestep"] = t_long
-        ctx = cfg.encoder_hid_dim or cfg.cross_attention_dim
-        ctx = ctx if isinstance(ctx, int) else ctx[0]
-        kwargs["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, ctx)
-        if cfg.addition_embed_type == "text_time":
-            n_text = cfg.projection_class_embeddings_input_dim - SDXL_TIME_IDS * cfg.addition_time_embed_dim
-            ids = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=torch.float32)
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": randn(batch, n_text),
-                "time_ids": ids.expand(batch, -1).to(param),
-            }
-        elif cfg.addition_embed_type is not None:
-            raise UnsupportedError(
-                f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} is not "
-                "supported (only None and 'text_time'); pass inputs to capture_model(model, args, kwargs)"
-            )
-        labels = _class_labels(cfg, batch, randint, randn)
-        if labels is not None:
-            kwargs["class_labels"] = labels
-    elif kind == "UNet2DModel":
-        latent = "sample"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["timestep"] = t_long
-        labels = _class_labels(cfg, batch, randint, randn)
-        if labels is not None:
-            kwargs["class_labels"] = labels
-    elif kind == "DiTTransformer2DModel":
-        latent = "hidden_states"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["timestep"] = t_long
-        kwargs["class_labels"] = randint(cfg.num_embeds_ada_norm)
-    elif kind == "SD3Transformer2DModel":
-        latent = "hidden_states"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, cfg.joint_attention_dim)
-        kwargs["pooled_projections"] = randn(batch, cfg.pooled_projection_dim)
-        # Flow matching: timestep = 1000 * sigma, a float.
-        kwargs["timestep"] = (torch.rand(1, generator=gen) * 1000).expand(batch).to(param)
-    else:  # UNetSpatioTemporalConditionModel
-        latent = "sample"
-        x = randn(batch, cfg.num_frames, cfg.in_channels, h, w)
-        # EDM preconditioning: c_noise = log(sigma) / 4 with sigma in [0.002, 700].
-        log_sigma = torch.empty(1).uniform_(-6.2146, 6.5511, generator=gen)
-        kwargs["timestep"] = (0.25 * log_sigma).expand(batch).to(param)
-        kwargs["encoder_hidden_states"] = randn(batch, 1, cfg.cross_attention_dim)  # CLIP image
-        n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
-        ids = torch.tensor([6.0, 127.0, 0.02] + [0.0] * max(0, n_ids - 3))[:n_ids]  # fps-1, motion, aug
-        kwargs["added_time_ids"] = ids.expand(batch, -1).to(param)
-
-    kwargs["return_dict"] = False
-    return ModelInputs(args=(x,), kwargs=kwargs, latent=latent)
-
-
-def _class_labels(cfg: Any, batch: int, randint: Any, randn: Any) -> torch.Tensor | None:
-    embed_type = getattr(cfg, "class_embed_type", None)
-    if embed_type is None and cfg.num_class_embeds is not None:
-        return randint(cfg.num_class_embeds)
-    if embed_type is None:
-        return None
-    if embed_type == "timestep":
-        return randint(1000)
-    if embed_type in ("projection", "simple_projection"):
-        return randn(batch, cfg.projection_class_embeddings_input_dim)
-    raise UnsupportedError(
-        f"class_embed_type={embed_type!r} is not supported by example_inputs; pass inputs to "
-        "capture_model(model, args, kwargs) directly"
-    )
+    return synthesize_inputs(model, batch=batch, sample_size=sample_size, seed=seed)

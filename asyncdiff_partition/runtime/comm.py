@@ -36,6 +36,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "broadcast",
+    "broadcast_object",
     "device",
     "init",
     "irecv",
@@ -277,3 +278,13 @@ def _require(key: str) -> Any:
     if not _state:
         raise UsageError("the process group is not set up; call asyncdiff_partition.runtime.comm.init() first")
     return _state[key]
+
+
+def broadcast_object(obj: Any, src: int = 0, what: str = "broadcast") -> Any:
+    """``obj`` from rank ``src`` on every rank (any picklable value; blocking, bounded by the timeout)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    on = device() if device().type == "cuda" else None
+    _call(f"{what} from rank {src}", dist.broadcast_object_list, box, src, device=on)
+    return box[0]

@@ -148,7 +148,7 @@ class SamplingRun:
     timestep values, and the check that the loop feeds the timesteps given to reset()."""
 
     def __init__(self, timesteps: Sequence[Any], table: list[Step]):
-        self.timesteps = [t.item() if isinstance(t, Tensor) else t for t in timesteps]
+        self.timesteps = [t.item() if isinstance(t, Tensor) else t for t in timesteps]  # None: not checked
         self.table = table
         self.next = 0
         self.eps_sources = {step.eps for step in table}
@@ -160,9 +160,12 @@ class SamplingRun:
             )
         step = self.table[self.next]
         given = inputs.get(timestep_input)
-        if given is not None:
-            expected = torch.full_like(given, self.timesteps[step.index])
-            if not torch.equal(given, expected):
+        value = self.timesteps[step.index]
+        if given is not None and value is not None:
+            # The loop may compute its own form (t / 1000) in the input's dtype: a few ulps apart.
+            expected = torch.full_like(given, value)
+            rtol = 4 * torch.finfo(given.dtype).eps if given.dtype.is_floating_point else 0.0
+            if not torch.allclose(given, expected, rtol=rtol, atol=0.0):
                 raise ScheduleError(
                     f"step {step.index}: the {timestep_input!r} input is {given.flatten()[:4].tolist()} but "
                     f"reset() was given timesteps[{step.index}] = {self.timesteps[step.index]}; pass reset() the "
@@ -173,4 +176,10 @@ class SamplingRun:
 
     def timestep_value(self, work: Work, step: Step) -> float | int | None:
         """The value to write into the timestep input, None where the loop's own is right."""
-        return None if work.timestep == step.index else self.timesteps[work.timestep]
+        if work.timestep == step.index:
+            return None
+        value = self.timesteps[work.timestep]
+        if value is None:
+            raise ScheduleError(f"step {step.index} needs the timestep value of step {work.timestep} (stride 2 or "
+                                "time_shift), but the loop's timestep values are unknown; give reset() the values")
+        return value
