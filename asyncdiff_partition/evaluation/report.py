@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "ORACLE_NOTE", "STYLES", "describe_row", "format_markdown", "split_label", "write_fidelity"]
+__all__ = ["COLUMNS", "ORACLE_NOTE", "STYLES", "describe_row", "format_markdown", "split_label", "write_atomic", "write_fidelity"]
 
 Row = dict[str, Any]
 
@@ -89,7 +89,8 @@ def _csv_text(rows: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
+def write_atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
+    """Write ``path`` through ``write(handle)`` on a temp file and a rename (``mode`` "w" or "wb")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -107,9 +108,9 @@ def write_fidelity(out: str | Path, rows: Sequence[Row], markdown: str) -> dict[
     """Write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png`` into ``out`` (each atomically)."""
     out = Path(out)
     text = _csv_text(rows)
-    return {"csv": _atomic(out / "fidelity.csv", lambda h: h.write(text), "w"),
-            "markdown": _atomic(out / "fidelity.md", lambda h: h.write(markdown), "w"),
-            "plot": _atomic(out / "fidelity.png", lambda h: _plot(rows, h), "wb")}
+    return {"csv": write_atomic(out / "fidelity.csv", lambda h: h.write(text), "w"),
+            "markdown": write_atomic(out / "fidelity.md", lambda h: h.write(markdown), "w"),
+            "plot": write_atomic(out / "fidelity.png", lambda h: _plot(rows, h), "wb")}
 
 
 def _plot(rows: Sequence[Row], handle: Any) -> None:
