@@ -309,11 +309,13 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--no-hand-split", is_flag=True, help="Leave out the block-boundary hand split.")
 @click.option("--latency-slack", default="0.03", show_default=True,
               help="Fidelity-aware splits: latency slacks over the optimal bottleneck, comma-separated ('' for none).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Like --images, for the staleness calibration batch (drawn with other noise).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
               help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
 @user_errors
 def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, latency_slack,
-                 out_dir) -> None:
+                 calibration_images, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
     from asyncdiff_partition.evaluation.evaluate import evaluate
@@ -321,7 +323,8 @@ def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guida
     result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,
                       guidance=guidance, hand_split=not no_hand_split,
-                      latency_slacks=_float_list(latency_slack, "--latency-slack") or [], out_dir=out_dir,
+                      latency_slacks=_float_list(latency_slack, "--latency-slack") or [],
+                      calibration_images=calibration_images, out_dir=out_dir,
                       echo=click.echo)
     click.echo("")
     click.echo(result.markdown)

@@ -104,3 +104,22 @@ def test_fidelity_aware_plan(bench, tmp_path):
     assert Plan.load(slack.save(tmp_path / "plan.json")) == slack
     with pytest.raises(PlanError, match="give one or the other"):
         make_plan(profile, 2, latency_slack=0.1, boundaries=["up_blocks.0"])
+
+
+def test_calibration_moves_to_a_capture_with_one_node_more():
+    from asyncdiff_partition.core.graph import OpGraph
+    from asyncdiff_partition.fx.staleness import transfer_staleness
+
+    def graph(names):
+        nodes = [{"name": n, "kind": "input" if n == "x" else "output" if n == "out" else "op", "op": "", "target": "",
+                  "module": "", "out_bytes": 4, "param_bytes": 0, "latent": n == "x"} for n in names]
+        return OpGraph.from_nodes(nodes, list(zip(names, names[1:])))
+
+    source, target = graph(["x", "a", "b", "c", "out"]), graph(["x", "a", "extra", "b", "c", "out"])
+    moved = transfer_staleness({"per_node": [0, 1, 2, 3, 0], "cut_error": [0, 5, 6, 7, 8, 0], "steps": 4},
+                               source, target)
+    assert moved["per_node"] == [0, 1, 0.0, 2, 3, 0] and moved["steps"] == 4
+    # Boundary b sits before target node b; "extra" takes the value of the boundary before "b".
+    assert moved["cut_error"] == [0.0, 5, 6, 6, 7, 8, 0.0]
+    with pytest.raises(ValueError, match="another model"):
+        transfer_staleness({"per_node": [0] * 5}, source, graph(["x", "p", "q", "r", "s", "out"]))

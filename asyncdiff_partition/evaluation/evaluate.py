@@ -136,7 +136,7 @@ def evaluate(
         rows.insert(0, bench.real_row)
         say("  " + describe_row(rows[0]))
     splits: list[tuple[str, float]] = [("auto", 0.0)] + ([("hand", 0.0)] if hand_split else [])
-    if latency_slacks:  # calibrated on its own small batch (other noise), not on the batch judged here
+    if latency_slacks:  # calibrated on its own batch (other noise), never on the batch judged here
         calibration = FidelityBench(model_spec, steps=steps, images=calibration_images, seed=seed, guidance=guidance,
                                     profile_repeats=1, noise_seed=seed + 1000, command="asyncdiff-partition eval")
         bench.adopt(calibration.calibrate(warmup=1, progress=echo is not None), calibration.graph)
@@ -273,8 +273,10 @@ class FidelityBench:
 
     def adopt(self, staleness: dict[str, Any], graph: Any) -> None:
         """Use a calibration made on another batch of the same model (``graph``: its op graph)."""
+        from asyncdiff_partition.fx.staleness import transfer_staleness
+
         if graph.order != self.graph.order:
-            raise ValueError("the calibration batch captured another graph than this one; calibrate on this batch")
+            staleness = transfer_staleness(staleness, graph, self.graph)
         self.profile.staleness = staleness
 
     def plan(self, n: int, **options: Any) -> Any:

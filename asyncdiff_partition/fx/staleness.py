@@ -57,7 +57,7 @@ from asyncdiff_partition.core.graph import OpGraph
 from asyncdiff_partition.fx.capture import CapturedModel
 
 __all__ = ["META_KEY", "StalenessProbe", "StalenessRecorder", "calibrate_staleness", "injection_boundaries",
-           "spread_to_boundaries"]
+           "spread_to_boundaries", "transfer_staleness"]
 
 META_KEY = "asyncdiff_staleness"  # node.meta[META_KEY] = {"relative": [r_v(s)], "cut_error": [e_r(s)]}
 METRIC = ("per_node: relative L2 change of the value between consecutive sampling steps, mean over steps "
@@ -157,6 +157,33 @@ def spread_to_boundaries(graph: OpGraph, measured: Mapping[int, float]) -> list[
         while points[j] < b:
             j += 1
         out[b] = float(measured[points[j]])
+    return out
+
+
+def transfer_staleness(staleness: Mapping[str, Any], source: OpGraph, target: OpGraph) -> dict[str, Any]:
+    """A calibration made on ``source`` (e.g. a small batch) for ``target``, the same model captured at other shapes.
+
+    Captures of one model can differ by a node or two between batch sizes (a ``contiguous``
+    more); values are matched by node name, and a boundary takes the value of the boundary
+    before the first matched node at or after it.
+
+    Raises:
+        ValueError: more than 5 % (and more than 2) of the target's nodes are not in the source (another model).
+    """
+    index = {name: i for i, name in enumerate(source.order)}
+    shared = sum(name in index for name in target.order)
+    if len(target) - shared > max(2, 0.05 * len(target)):
+        raise ValueError(f"the calibration graph shares only {shared} of this graph's {len(target)} nodes: it was made "
+                         f"for another model; calibrate this one")
+    out = dict(staleness)
+    out["per_node"] = [staleness["per_node"][index[name]] if name in index else 0.0 for name in target.order]
+    if staleness.get("cut_error") is not None:
+        cut, after = [0.0] * (len(target) + 1), 0.0
+        for b in range(len(target) - 1, 0, -1):
+            name = target.order[b]
+            after = staleness["cut_error"][index[name]] if name in index else after
+            cut[b] = after
+        out["cut_error"] = cut
     return out
 
 
