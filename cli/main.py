@@ -409,19 +409,60 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--guidance", type=float, default=2.0, show_default=True,
               help="Classifier-free guidance for class-conditional models (<= 1: none).")
 @click.option("--no-hand-split", is_flag=True, help="Leave out the block-boundary hand split.")
+@click.option("--latency-slack", default="0.03", show_default=True,
+              help="Fidelity-aware splits: latency slacks over the optimal bottleneck, comma-separated ('' for none).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Like --images, for the staleness calibration batch (drawn with other noise).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
               help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
 @user_errors
-def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, out_dir) -> None:
+def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, latency_slack,
+                 calibration_images, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
     from asyncdiff_partition.evaluation.evaluate import evaluate  # Note [light commands]
 
     result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,
-                      guidance=guidance, hand_split=not no_hand_split, out_dir=out_dir, echo=click.echo)
+                      guidance=guidance, hand_split=not no_hand_split,
+                      latency_slacks=_float_list(latency_slack, "--latency-slack") or [],
+                      calibration_images=calibration_images, out_dir=out_dir,
+                      echo=click.echo)
     click.echo("")
     click.echo(result.markdown)
+
+
+@main.command()
+@model_option
+@click.option("--devices", required=True, type=click.IntRange(min=1), help="D, the devices (ranks) available.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target: the most faithful configuration within this predicted latency.")
+@click.option("--min-psnr", type=float, default=None, help="Target: the fastest configuration with this PSNR (dB).")
+@click.option("--max-fd-ratio", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target (digits): the fastest configuration within this Fréchet distance / sequential.")
+@click.option("--steps", type=click.IntRange(min=2), default=20, show_default=True, help="Denoising steps T.")
+@click.option("--images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Calibration batch: samples per class (class-conditional models), else samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, conditioning and noise.")
+@click.option("--guidance", type=float, default=2.0, show_default=True,
+              help="Classifier-free guidance for class-conditional models (<= 1: none).")
+@click.option("--stride", default="1,2", show_default=True, help="Values of S searched.")
+@click.option("--warmup", default="1", show_default=True, help="Values of W searched.")
+@click.option("--latency-slack", default="0,0.03,0.1", show_default=True,
+              help="Cut slacks searched (0: latency-optimal; x: least stale within (1+x) of it).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="tune", show_default=True,
+              help="Folder for tune.md, tune.csv, tune.png, profile.json and the chosen plan.json.")
+@user_errors
+def tune(model_spec, devices, max_latency_ms, min_psnr, max_fd_ratio, steps, images, seed, guidance, stride, warmup,
+         latency_slack, out_dir) -> None:
+    """Search N, S, W and the cut slack for a latency or fidelity target; writes the Pareto table and
+    plot and the chosen plan file."""
+    from asyncdiff_partition.evaluation.tune import tune as run_tune
+
+    run_tune(model_spec, devices=devices, max_latency_ms=max_latency_ms, min_psnr=min_psnr, max_fd_ratio=max_fd_ratio,
+             steps=steps, images=images, seed=seed, guidance=guidance, strides=_int_list(stride, "--stride"),
+             warmups=_int_list(warmup, "--warmup"), slacks=_float_list(latency_slack, "--latency-slack") or [0.0],
+             out_dir=out_dir, progress=True, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,13 +52,14 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Pat
     return write_atomic(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n")
 
 
-def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int, fix: str) -> dict[str, Any]:
+def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int | tuple[int, ...],
+              fix: str) -> dict[str, Any]:
     """Read a file written by :func:`write_json_atomic` and check its kind and version.
 
     Args:
         path: the file.
         kind: the expected value of the file's ``kind`` field ("profile", "plan", ...).
-        schema_version: the version this code reads.
+        schema_version: the version this code reads (or a tuple of the versions it reads).
         fix: what the user should do when the file is unusable (e.g. the command that remakes it).
 
     Raises:
@@ -75,9 +76,10 @@ def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int, f
         found = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise FileFormatError(f"{str(path)!r} is not a {kind} file (kind: {found!r}); {fix}")
     version = data.get("schema_version")
-    if version != schema_version:
+    readable = schema_version if isinstance(schema_version, tuple) else (schema_version,)
+    if version not in readable or isinstance(version, bool):
         raise FileFormatError(
             f"{kind} file {str(path)!r} has schema_version {version!r}; this version of "
-            f"asyncdiff-partition reads {schema_version}; {fix}"
+            f"asyncdiff-partition reads {' or '.join(map(str, readable))}; {fix}"
         )
     return data

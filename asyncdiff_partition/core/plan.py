@@ -9,6 +9,17 @@ Example::
 
 A plan is computed from a profile alone (no torch): the op graph and costs come from the
 profile, the cut from :mod:`asyncdiff_partition.core.partition`.
+
+Plan file fields for the cut's objective (optional; a file without them is a latency plan):
+
+    objective   {"kind": "latency" | "staleness", "latency_slack": x}. "latency": the exact
+                min-max split (or a hand split). "staleness": among splits whose bottleneck is
+                within (1 + x) of the optimum, the one with least summed staleness
+                (partition.py, Note [staleness objective]). A later field (e.g. the batch-parallel
+                degree) sits beside it, not inside it.
+    staleness   None, or one float per cut (N - 1): the profile's staleness at each inner
+                boundary (:meth:`~asyncdiff_partition.core.profile.Profile.cut_staleness`); the
+                summed value is ``predicted["staleness"]``.
 """
 
 from __future__ import annotations
@@ -102,6 +113,8 @@ class Plan:
     link_latency_ms: float
     segments: list[SegmentPlan]
     predicted: dict[str, float]
+    objective: dict[str, Any] = field(default_factory=lambda: {"kind": "latency", "latency_slack": 0.0})
+    staleness: list[float] | None = None
     schema_version: int = SCHEMA_VERSION
     kind: str = field(default="plan", repr=False)
 
@@ -235,6 +248,7 @@ def make_plan(
     memory_caps: Sequence[int | None] | None = None,
     boundaries: Sequence[str] | None = None,
     profile_path: str = "",
+    latency_slack: float = 0.0,
 ) -> Plan:
     """Partition a profiled model for ``n_devices`` devices.
 
@@ -249,9 +263,13 @@ def make_plan(
         memory_caps: per-device parameter-byte caps (None entries: no cap).
         boundaries: module paths at which segments 2..N start (a hand split); None = balanced.
         profile_path: recorded in the plan.
+        latency_slack: x > 0 cuts where the profile's staleness is least among the splits
+            within (1 + x) of the optimal bottleneck (plan field ``objective``); needs a
+            profile calibrated for staleness. 0: the latency-optimal split.
 
     Raises:
-        PlanError: bad arguments, N larger than the graph allows, unknown module boundaries.
+        PlanError: bad arguments, N larger than the graph allows, unknown module boundaries,
+            a latency slack with a profile that has no staleness, or a slack with a hand split.
     """
     try:
         check_stride(stride)
@@ -261,6 +279,14 @@ def make_plan(
         raise PlanError(f"need at least 1 device, got {n_devices}")
     if steps < 1 or warmup < 0:
         raise PlanError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    cut_staleness = profile.cut_staleness()
+    if latency_slack and cut_staleness is None:
+        raise PlanError(f"latency_slack={latency_slack} needs a profile calibrated for staleness, and "
+                        f"{profile_path or profile.model!r} has none; calibrate it with 'asyncdiff-partition tune' "
+                        f"(or fx.staleness.calibrate_staleness) or use latency_slack=0")
+    if latency_slack and boundaries is not None:
+        raise PlanError(f"latency_slack={latency_slack} chooses the cuts, but boundaries {list(boundaries)} "
+                        f"fix them; give one or the other")
     graph = profile.op_graph()
     table = graph.cut_table()
     # Inputs are on every rank (Note [value kinds] in graph.py): like fresh values they have no
@@ -272,6 +298,7 @@ def make_plan(
         preds=[graph.preds(i) for i in range(len(graph))],
         stale_bytes=table.stale_bytes,
         param_bytes=[graph.node(i)["param_bytes"] for i in range(len(graph))],
+        staleness=cut_staleness,
     )
     bandwidth = None if bandwidth_gbps is None else bandwidth_gbps * 1e6  # bytes per ms
     try:
@@ -285,7 +312,8 @@ def make_plan(
             method = "manual"
         else:
             partition = balance_segments(problem, n_devices, speeds=speeds, bandwidth=bandwidth,
-                                         link_latency_ms=link_latency_ms, memory_caps=memory_caps)
+                                         link_latency_ms=link_latency_ms, memory_caps=memory_caps,
+                                         latency_slack=latency_slack)
             method = "balanced"
     except PartitionError as error:
         raise PlanError(str(error)) from None
@@ -317,7 +345,10 @@ def make_plan(
             "imbalance": partition.imbalance,
             "speedup": steps * sequential / total_async if total_async else float("nan"),
             "ideal_speedup": ideal_speedup(steps, warmup, n_devices, stride),
+            **({} if cut_staleness is None else {"staleness": partition.staleness}),
         },
+        objective={"kind": "staleness" if latency_slack else "latency", "latency_slack": float(latency_slack)},
+        staleness=None if cut_staleness is None else [cut_staleness[b] for b in partition.boundaries[1:-1]],
     )
 
 
