@@ -311,7 +311,7 @@ def _scenario(how: str, plan: Path, folder: Path) -> dict:
     tmp.mkdir(parents=True)
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     env.pop("ASYNCDIFF_DEBUG", None)
-    command = [str(SCRIPT), "--threads", "1", "run", "--plan", str(plan), "--steps", "1000", "--out", str(folder / "out"),
+    command = [str(SCRIPT), "--threads", "1", "run", "--plan", str(plan), "--steps", "999", "--out", str(folder / "out"),
                "--timeout", str(TIMEOUT_S)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     chunks: list[bytes] = []
@@ -386,6 +386,17 @@ def test_an_interrupt_ends_every_rank_with_one_line(outcomes, how, code):
     outcome = outcomes[how]
     line = _check_clean(outcome)
     assert outcome["code"] == code and line == "error: interrupted", outcome["output"][-2000:]
+
+
+def test_steps_the_scheduler_cannot_take_are_refused_before_any_rank(files, tmp_path):
+    from asyncdiff_partition.core.errors import ConfigError
+    from asyncdiff_partition.pipelines.offline import build_pipeline
+    from asyncdiff_partition.runtime.pipeline_backend import check_scheduler_steps
+
+    scheduler = build_pipeline("tiny-unet2d-condition", seed=0).pipe.scheduler  # steps_offset=1, leading
+    check_scheduler_steps(scheduler, 999)
+    with pytest.raises(ConfigError, match="--steps 1000 gives timestep 1000 .* use at most 999 steps"):
+        check_scheduler_steps(scheduler, 1000)
 
 
 def test_a_hung_rank_ends_the_run_within_the_timeout_and_a_grace(outcomes):

@@ -13,6 +13,7 @@ its own weights (:func:`release_weights`); rank 0 saves the images.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.device_move import move_captured
 from asyncdiff_partition.pipelines import zoo
@@ -54,6 +56,7 @@ class TorchBackend:
         from asyncdiff_partition.fx.ready import ready_segments
 
         built, captured, images = _prepare(config, plan, verify=True)
+        check_scheduler_steps(built.pipe.scheduler, settings.steps)
         try:
             ready = ready_segments(captured, plan, world_size=settings.world, stride=settings.stride,
                                    plan_path=config.plan)
@@ -186,3 +189,26 @@ def default_guidance(spec: str) -> float:
     from asyncdiff_partition.pipelines.digits import GUIDANCE
 
     return GUIDANCE if spec in zoo.TRAINED_MODELS else 5.0
+
+
+def check_scheduler_steps(scheduler: Any, steps: int) -> None:
+    """Refuse, before any rank starts, a step count the pipeline's scheduler cannot sample with.
+
+    A scheduler with ``steps_offset=1`` and "leading" spacing (Stable Diffusion's) maps 1000 steps
+    to timesteps 1..1000, one past its 1000 training timesteps: the ranks would fail at their first
+    scheduler step.
+
+    Raises:
+        ConfigError: a timestep outside ``[0, num_train_timesteps)``.
+    """
+    trained = int(getattr(scheduler.config, "num_train_timesteps", 0) or 0)
+    if not trained:
+        return
+    probe = copy.deepcopy(scheduler)  # set_timesteps changes the scheduler's state
+    probe.set_timesteps(steps)
+    highest = int(max(probe.timesteps))
+    if highest >= trained or int(min(probe.timesteps)) < 0:
+        raise ConfigError(
+            f"--steps {steps} gives timestep {highest} but {type(scheduler).__name__} was trained on "
+            f"{trained} timesteps (0..{trained - 1}); use at most {trained - 1} steps"
+        )
