@@ -172,9 +172,25 @@ def validate_plan(data: Mapping[str, Any], path: Any, *, fields: Collection[str]
     segments = f.array(data["segments"], "segments", n, " (one per device)")
     for k, segment in enumerate(segments):
         _validate_segment(f, segment, k, boundaries, segment_fields)
-    predicted = f.keys(data["predicted"], "predicted", known=_PREDICTED, required=_PREDICTED)
+    predicted = f.keys(data["predicted"], "predicted", known=(*_PREDICTED, "staleness"), required=_PREDICTED)
     for key in _PREDICTED:
         f.number(predicted[key], f"predicted.{key}", finite=False)
+    if "staleness" in predicted:
+        f.number(predicted["staleness"], "predicted.staleness", low=0)
+    _validate_objective(f, data, n)
+
+
+def _validate_objective(f: _Fields, data: Mapping[str, Any], n: int) -> None:
+    """The fidelity-aware fields (core/plan.py's "Plan file fields"); both optional."""
+    if "objective" in data:
+        objective = f.keys(data["objective"], "objective", known=("kind", "latency_slack"), required=("kind",))
+        if objective["kind"] not in ("latency", "staleness"):
+            f.fail("objective.kind", "latency or staleness", objective["kind"])
+        if "latency_slack" in objective:
+            f.number(objective["latency_slack"], "objective.latency_slack", low=0)
+    if data.get("staleness") is not None:
+        for k, value in enumerate(f.array(data["staleness"], "staleness", n - 1, " (one per inner cut)")):
+            f.number(value, f"staleness[{k}]", low=0)
 
 
 def _validate_segment(f: _Fields, segment: Any, k: int, boundaries: list[int], fields: Collection[str]) -> None:
