@@ -103,6 +103,8 @@ class Plan:
     link_latency_ms: float
     segments: list[SegmentPlan]
     predicted: dict[str, float]
+    batch_parallel: int = 1  # B batch groups of N + S - 1 ranks each (core.hybrid_plan)
+    phases: dict[str, Any] | None = None  # the switching policy (runtime.policy); None: the warm-up
     schema_version: int = SCHEMA_VERSION
     kind: str = field(default="plan", repr=False)
 

@@ -216,7 +216,7 @@ def _tensors(value: Any) -> list[Tensor]:
 class AsyncDenoiser:
     """This rank's part of the asynchronous schedule; implements ``StepDenoiser``.
 
-    Construct it on every rank after :func:`asyncdiff_partition.runtime.comm.init`, with the same
+    Construct it on every rank after :func:`asyncdiff_partition.runtime.self._comm.init`, with the same
     captured model and plan everywhere. Set-up checks the plan (:func:`check_plan`), splits the
     graph and keeps only this rank's segment (rank r runs segment r; with stride 2 the extra
     rank N runs the last segment), moved to this rank's device. Nothing else of ``captured`` is
@@ -240,6 +240,10 @@ class AsyncDenoiser:
         warm_up: run this rank's segment once at set-up on the capture's example inputs (zeros
             for received values), so that the first step does not pay for first-time
             allocations (0.3-0.4 s per rank for SD 1.5 on CPU).
+        group: run among these ranks only (a :class:`~asyncdiff_partition.runtime.groups.GroupComm`
+            of a batch group); default all ranks.
+        phases: an object whose ``mask`` is the exactness mask decided so far (Note [phases],
+            :class:`~asyncdiff_partition.runtime.policy.PhasePolicy`); default the warm-up.
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -258,8 +262,12 @@ class AsyncDenoiser:
         timestep_input: str = "timestep",
         timeout_s: float | None = None,
         warm_up: bool = True,
+        group: Any = None,
+        phases: Any = None,
     ):
-        self.rank, self.world_size, self.device = comm.rank(), comm.world_size(), comm.device()
+        self._comm = comm if group is None else group  # a batch group's ranks (runtime.groups)
+        self.phases = phases  # a switching policy's mask (runtime.policy), re-read every step
+        self.rank, self.world_size, self.device = self._comm.rank(), self._comm.world_size(), self._comm.device()
         self.n_segments = plan.n_devices
         self.stride = plan.stride if stride is None else stride
         self.warmup = plan.warmup if warmup is None else warmup
@@ -310,11 +318,13 @@ class AsyncDenoiser:
         show up as the first step's cost on the others.
         """
         self._drain()
-        comm.barrier("starting a sampling run")
+        self._comm.barrier("starting a sampling run")
         check_timestep_input(self.timestep_input, self._input_names, stride=self.stride, time_shift=self.time_shift)
-        table = make_schedule(self.n_segments, len(timesteps), warmup=self.warmup, stride=self.stride,
-                              time_shift=self.time_shift)
-        self._run = SamplingRun(timesteps, table)
+        def remake() -> list[Step]:
+            return make_schedule(self.n_segments, len(timesteps), warmup=self.warmup, stride=self.stride,
+                                 time_shift=self.time_shift, exact=None if self.phases is None else self.phases.mask)
+
+        self._run = SamplingRun(timesteps, remake(), remake=remake if self.phases is not None else None)
         self._reset_state()
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -382,7 +392,7 @@ class AsyncDenoiser:
         for name in self._segment.receives:
             src = self._producer[name]
             buffers = self._layouts[name].empty(self.device)
-            works = comm.irecv(buffers, src, tag=self._tag[name])
+            works = self._comm.irecv(buffers, src, tag=self._tag[name])
             self._inbox.append((step.index, name, src, buffers, works))
         stats["comm_ms"] += self._span("post", stats, begin)
 
@@ -396,7 +406,7 @@ class AsyncDenoiser:
             if made > through:
                 pending.append((made, name, src, buffers, works))
                 continue
-            comm.wait(works, f"value {name} of step {made} from rank {src}", self.timeout_s)
+            self._comm.wait(works, f"value {name} of step {made} from rank {src}", self.timeout_s)
             self._stale[name] = self._layouts[name].build(buffers)
         self._inbox = pending
         stats["wait_ms"] += self._span("wait", stats, begin)
@@ -423,7 +433,7 @@ class AsyncDenoiser:
                 continue
             tensors = _tensors(values[name])
             for dst in sorted({w.slot for w in reading if w.segment in self._consumers[name]} - {self.rank}):
-                self._sends.append((comm.isend(tensors, dst, tag=self._tag[name]), tensors, name, dst))
+                self._sends.append((self._comm.isend(tensors, dst, tag=self._tag[name]), tensors, name, dst))
                 stats["bytes_sent"] += sum(t.numel() * t.element_size() for t in tensors)
         stats["comm_ms"] += self._span("send", stats, begin)
 
@@ -435,7 +445,7 @@ class AsyncDenoiser:
             stats["bytes_sent"] += eps.numel() * eps.element_size() * (self.world_size - 1)
         else:
             (eps,) = self._layouts[OUTPUT].empty(self.device)
-        comm.broadcast(eps, slot, what=f"ε of step {step.index}")
+        self._comm.broadcast(eps, slot, what=f"ε of step {step.index}")
         stats["comm_ms"] += self._span("broadcast", stats, begin)
         return eps
 
@@ -451,7 +461,7 @@ class AsyncDenoiser:
 
     def _wait_sends(self) -> None:
         for works, _, name, dst in self._sends:
-            comm.wait(works, f"value {name} to rank {dst}", self.timeout_s)
+            self._comm.wait(works, f"value {name} to rank {dst}", self.timeout_s)
         self._sends = []
 
     def _drain(self, stats: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,137 @@
+"""Hybrid parallelism on B x (N + S - 1) ranks: batch groups, each running the segment schedule on its slice.
+
+Example (every rank runs the same loop; ``captured`` is the denoiser captured at the *sliced*
+batch, batch / B, and the plan was made from that capture's profile)::
+
+    comm.init()
+    denoiser = HybridDenoiser(captured_slice, Plan.load("plan.json"))   # plan.batch_parallel = B
+    denoiser.reset(scheduler.timesteps)
+    for t in scheduler.timesteps:
+        eps = denoiser(inputs_at_the_full_batch)       # the same whole ε on every rank
+        x = scheduler.step(eps, t, x).prev_sample
+    denoiser.phase_report()                           # which steps ran exact / async, and why
+
+Rank r belongs to batch group r // (N + S - 1) (:mod:`~asyncdiff_partition.runtime.groups`). Each
+group slices the denoiser batch (Note [batch slices], :mod:`~asyncdiff_partition.runtime.batch`),
+runs an :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser` among its own ranks on the
+slice, and the groups all-gather ε every step, so every rank runs the same pipeline loop. One
+:class:`~asyncdiff_partition.runtime.policy.PhasePolicy` per rank decides, from the gathered ε, which
+steps run exact and which asynchronously (Notes [phases], [adaptive phases]); every rank sees the
+same ε, so every rank decides the same. B = 2, N = 1 is plain CFG-parallel: exact, no stale values.
+:class:`~asyncdiff_partition.runtime.reference.ReferenceSchedule` with ``batch_parallel=B`` and the
+same ``phases`` gives the same ε at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from asyncdiff_partition.core.plan import Plan, PlanError
+from asyncdiff_partition.core.schedule import n_slots, world_size
+from asyncdiff_partition.runtime import comm
+from asyncdiff_partition.runtime.batch import split_batch
+from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+from asyncdiff_partition.runtime.groups import make_groups
+from asyncdiff_partition.runtime.policy import PhasePolicy
+
+__all__ = ["HybridDenoiser"]
+
+
+class HybridDenoiser:
+    """This rank's part of a hybrid plan; implements ``StepDenoiser``.
+
+    Args:
+        captured: the model captured on this rank at the sliced batch (batch / B rows).
+        plan: the plan (``batch_parallel`` B, N, S, W, ``phases``).
+        phases: the switching policy (default ``plan.phases``; None there: the warm-up).
+        warmup, stride, time_shift, timestep_input, timeout_s, warm_up: as for
+            :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser`.
+        batch_parallel: B (default ``plan.batch_parallel``).
+        branches: guidance branches in the batch, for the adaptive policy's delta (default max(B, 2)).
+
+    Raises:
+        PlanError: the world is not B x (N + S - 1) ranks, or the plan does not fit the model.
+        BatchSplitError: (when called) a denoiser batch that does not split into B groups of
+            the captured rows, before any compute.
+    """
+
+    def __init__(
+        self,
+        captured: Any,
+        plan: Plan,
+        *,
+        phases: Mapping[str, Any] | None = None,
+        warmup: int | None = None,
+        stride: int | None = None,
+        time_shift: bool = False,
+        timestep_input: str = "timestep",
+        timeout_s: float | None = None,
+        warm_up: bool = True,
+        batch_parallel: int | None = None,
+        branches: int | None = None,
+    ):
+        self.batch_parallel = getattr(plan, "batch_parallel", 1) if batch_parallel is None else batch_parallel
+        stride = plan.stride if stride is None else stride
+        warmup = plan.warmup if warmup is None else warmup
+        size = n_slots(plan.n_devices, stride)
+        needed = world_size(plan.n_devices, stride, self.batch_parallel)
+        if comm.world_size() != needed:
+            raise PlanError(
+                f"a hybrid plan of B={self.batch_parallel} groups of N={plan.n_devices} segments with stride {stride} "
+                f"needs B x (N + S - 1) = {needed} ranks, but this run has {comm.world_size()}; start {needed} "
+                f"processes or plan for {comm.world_size()} devices"
+            )
+        self.groups = make_groups(self.batch_parallel, size)
+        self.policy = PhasePolicy(getattr(plan, "phases", None) if phases is None else phases, warmup=warmup,
+                                  stride=stride, branches=branches or max(self.batch_parallel, 2))
+        self._latent = captured.latent.name
+        self._rows = int(captured.latent.shape[0]) if getattr(captured.latent, "shape", None) else None
+        self.inner = AsyncDenoiser(captured, plan, warmup=warmup, stride=stride, time_shift=time_shift,
+                                   timestep_input=timestep_input, timeout_s=timeout_s, warm_up=warm_up,
+                                   group=self.groups.group, phases=self.policy)
+        self._gather_bytes: list[int] = []
+
+    @property
+    def rank(self) -> int:
+        return comm.rank()
+
+    def reset(self, timesteps: Sequence[float | int]) -> None:
+        """Start a sampling run over ``timesteps`` on every rank (see ``AsyncDenoiser.reset``)."""
+        self.policy.reset(len(timesteps))
+        self.inner.reset(timesteps)
+        self._gather_bytes = []
+        self._step = 0
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """ε of the next step for the whole batch, bit-identical on every rank.
+
+        Raises:
+            BatchSplitError: the batch does not split into B groups of the captured rows.
+            ScheduleError, PeerError: as ``AsyncDenoiser.__call__``.
+        """
+        part = split_batch(inputs, self.batch_parallel, self.groups.index, latent=self._latent, rows=self._rows)
+        eps = self.groups.all_gather(self.inner(part), what=f"ε of step {self._step}")
+        sent = eps.numel() // self.batch_parallel * eps.element_size() if self.batch_parallel > 1 else 0
+        self._gather_bytes.append(sent)
+        self.policy.observe(self._step, eps)
+        self._step += 1
+        return eps
+
+    def report(self) -> list[dict[str, Any]]:
+        """``AsyncDenoiser.report`` of this rank with ``group``, ``mode`` and the all-gather's bytes added."""
+        modes = self.policy.record()
+        rows = self.inner.report()
+        for row, sent in zip(rows, self._gather_bytes):
+            row.update(group=self.groups.index, mode=modes[row["step"]]["mode"], gather_bytes=sent)
+            row["bytes_sent"] += sent
+        return rows
+
+    def spans(self) -> list[dict[str, Any]]:
+        return self.inner.spans()
+
+    def phase_report(self) -> dict[str, Any]:
+        """The switching policy and, per step, the mode, measured delta and reason (for the run report)."""
+        return {"batch_parallel": self.batch_parallel, "policy": self.policy.spec, "steps": self.policy.record()}
