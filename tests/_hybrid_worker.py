@@ -23,8 +23,9 @@ def run_hybrid(blobs: dict[str, bytes], feed: dict[str, torch.Tensor], jobs: lis
     for job in jobs:
         captured = pickle.loads(blobs[job["model"]])
         latent = captured.latent.name
+        denoiser = HybridDenoiser(captured, job["plan"], warmup=1, warm_up=False)  # set-up once per job
         for i, case in enumerate(job["cases"]):
-            denoiser = HybridDenoiser(captured, job["plan"], warm_up=False, **case)
+            denoiser.phases = case.get("phases")
             if job.get("batch"):
                 bad = {k: v[: job["batch"]] if v.dim() else v for k, v in feed.items()}
                 denoiser.reset(timesteps)

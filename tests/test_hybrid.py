@@ -30,12 +30,14 @@ TIMESTEPS = [900, 750, 600, 450, 300, 150]
 # of 1 instead of 2, so kernels may block (and sum) them differently: float reassociation only,
 # seen up to ~1e-6 relative in float32 on CPU (Note [batch slices]).
 SLICED = {"rtol": 1e-5, "atol": 1e-6}
-CASES = [
-    {"warmup": 1},  # no switching: the warm-up, then asynchronous to the end
-    {"warmup": 1, "phases": {"kind": "fixed", "async_steps": [2, 4]}},  # exact -> async -> exact
-    {"warmup": 1, "phases": {"kind": "adaptive", "threshold": 100.0, "final_exact": 1}},
+CASES = [  # all with W = 1
+    {},  # no switching: the warm-up, then asynchronous to the end
+    {"phases": {"kind": "fixed", "async_steps": [2, 4]}},  # exact -> async -> exact
+    {"phases": {"kind": "adaptive", "threshold": 100.0, "final_exact": 1}},
 ]
-LAUNCHES = {2: [(1, 2, 1), (1, 1, 2), (2, 1, 1)], 3: [(1, 2, 2)], 4: [(2, 2, 1), (2, 1, 2)]}  # world -> (B, N, S)
+# world -> (B, N, S); B = 1, N = 2, S = 2 (world 3) is left out to keep the suite fast: stride 2 with
+# switching is covered by B1 N1 S2 and B2 N1 S2, N = 2 segments by B1 N2 S1 and B2 N2 S1
+LAUNCHES = {2: [(1, 2, 1), (1, 1, 2), (2, 1, 1)], 4: [(2, 2, 1), (2, 1, 2)]}
 
 
 @functools.cache
@@ -58,10 +60,16 @@ def _plan(b: int, n: int, s: int) -> Plan:
     return dataclasses.replace(plan, batch_parallel=b, world_size=world_size(n, s, b))
 
 
+@functools.cache
+def _segments(b: int, n: int, s: int):
+    captured = _captured(2 // b)
+    return split_graph(captured, build_op_graph(captured), _plan(b, n, s).boundaries)
+
+
 def _reference(b: int, n: int, s: int, case: dict):
     captured = _captured(2 // b)
-    segments = split_graph(captured, build_op_graph(captured), _plan(b, n, s).boundaries)
-    schedule = ReferenceSchedule(segments, stride=s, batch_parallel=b, latent_input=captured.latent.name, **case)
+    schedule = ReferenceSchedule(_segments(b, n, s), warmup=1, stride=s, batch_parallel=b,
+                                 latent_input=captured.latent.name, **case)
     with torch.no_grad():
         eps, x = _dist_worker.sample(schedule, _feed(), captured.latent.name, TIMESTEPS)
     return eps, x, schedule.policy.record()
@@ -95,7 +103,7 @@ class _Unsplit:
 
 def test_two_groups_of_one_segment_are_the_unsplit_model_up_to_reassociation():
     full = _captured(2)
-    eps, x, record = _reference(2, 1, 1, {"warmup": 1})
+    eps, x, record = _reference(2, 1, 1, {})
 
     unsplit = _Unsplit(full)
     with torch.no_grad():
@@ -121,8 +129,8 @@ def test_a_batch_that_does_not_split_is_one_clear_error_before_compute():
         def forward(self, *args):
             raise AssertionError("computed before the batch was checked")
 
-    from asyncdiff_partition.fx.split import Segment
     from asyncdiff_partition.core.graph import OUTPUT
+    from asyncdiff_partition.fx.split import Segment
 
     schedule = ReferenceSchedule([Segment(0, Boom(), ["sample", "timestep"], [], [OUTPUT], [])],  # type: ignore[arg-type]
                                  warmup=1, batch_parallel=2)
@@ -173,7 +181,7 @@ def test_adaptive_policy_switches_with_lag_patience_and_hysteresis():
 # --- on real gloo processes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 4])
 def test_every_rank_of_every_hybrid_gets_the_reference_eps(world):
     results = _launched(world)
     assert sorted(results) == list(range(world))

@@ -35,7 +35,7 @@ from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.batch import split_batch
 from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
 from asyncdiff_partition.runtime.groups import make_groups
-from asyncdiff_partition.runtime.policy import PhasePolicy
+from asyncdiff_partition.runtime.policy import PhasePolicy, check_phases
 
 __all__ = ["HybridDenoiser"]
 
@@ -97,6 +97,15 @@ class HybridDenoiser:
     @property
     def rank(self) -> int:
         return comm.rank()
+
+    @property
+    def phases(self) -> dict[str, Any]:
+        """The switching policy's spec; may be changed between runs (takes effect at :meth:`reset`)."""
+        return self.policy.spec
+
+    @phases.setter
+    def phases(self, phases: Mapping[str, Any] | None) -> None:
+        self.policy.spec = check_phases(phases)
 
     def reset(self, timesteps: Sequence[float | int]) -> None:
         """Start a sampling run over ``timesteps`` on every rank (see ``AsyncDenoiser.reset``)."""
