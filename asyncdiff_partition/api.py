@@ -242,3 +242,27 @@ def _comparison_png(path: Path, top: list[Any], bottom: list[Any], fidelity: lis
     sheet.save(tmp)
     tmp.replace(path)
     return path
+
+
+def hybrid_plan(profile_path: str, devices: int, *, sliced_path: str | None, batch_parallel: int | None,
+                max_stale_hops: int, phases_json: str | None, warmup: int, steps: int,
+                bandwidth_gbps: float | None, out_path: str) -> str:
+    """``plan`` with batch groups (core.hybrid_plan): cost every D = B x (N + S - 1), save the winner; the printout."""
+    import json
+
+    from asyncdiff_partition.core.hybrid_plan import format_candidates, make_hybrid_plan
+    from asyncdiff_partition.core.plan import format_plan
+    from asyncdiff_partition.runtime.policy import PhaseError, check_phases
+
+    try:
+        phases = check_phases(json.loads(phases_json)) if phases_json else None
+    except json.JSONDecodeError as error:
+        raise PhaseError(f"--phases must be JSON, e.g. '{{\"kind\": \"adaptive\", \"threshold\": 0.3}}' ({error})") from None
+    choice = make_hybrid_plan(Profile.load(profile_path), devices,
+                              sliced=Profile.load(sliced_path) if sliced_path else None, batch_parallel=batch_parallel,
+                              steps=steps, warmup=warmup, phases=phases, max_stale_hops=max_stale_hops,
+                              bandwidth_gbps=bandwidth_gbps, profile_path=profile_path, sliced_path=sliced_path or "")
+    choice.plan.save(out_path)
+    w = choice.winner
+    title = f"{choice.plan.model}: {devices} device(s) as B={w.batch_parallel} group(s) x N={w.n_devices} S={w.stride}"
+    return "\n".join([format_candidates(choice), "", format_plan(choice.plan, title=title), f"wrote {out_path}"])

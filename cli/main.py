@@ -172,11 +172,28 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
               help="Also run every segment alone on this machine and show measured vs predicted ms.")
 @click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
               help="With --measure: where to load the profiled model from (default: the profile's name).")
+@click.option("--profile-sliced", "sliced_path", default=None, type=click.Path(dir_okay=False),
+              help="Hybrid plan: the same model profiled at batch / B; --devices is then all D devices, "
+                   "split as B batch groups x (N + S - 1).")
+@click.option("--batch-parallel", type=click.IntRange(min=1), default=None,
+              help="Hybrid plan: fix the batch-parallel degree B (default: the fastest within the budget).")
+@click.option("--max-stale-hops", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Hybrid plan: fidelity budget, N*S - 1 at most (1 = as N = 2 segments alone).")
+@click.option("--phases", "phases_json", default=None,
+              help='Switching policy as JSON, e.g. \'{"kind": "fixed", "async_steps": [5, 20]}\' or '
+                   '\'{"kind": "adaptive", "threshold": 0.3}\'.')
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @user_errors
 def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
-         measure, model_spec, out_path) -> None:
+         measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
+    if sliced_path or batch_parallel or phases_json:
+        from asyncdiff_partition.api import hybrid_plan
+
+        click.echo(hybrid_plan(profile_path, n_devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
+                               max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup, steps=steps,
+                               bandwidth_gbps=bandwidth, out_path=out_path))
+        return
     from asyncdiff_partition.api import compare_asyncdiff, measure_plan
     from asyncdiff_partition.core.plan import format_plan, make_plan
     from asyncdiff_partition.core.profile import Profile

@@ -214,3 +214,61 @@ def test_cfg_parallel_on_two_processes_is_the_unsplit_model_and_odd_batches_fail
         for step, (p, q) in enumerate(zip(got, want)):
             torch.testing.assert_close(p, q, msg=f"rank {rank} step {step}", **SLICED)
         assert results[rank]["odd batch"].startswith("BatchSplitError: the denoiser batch of 1 does not split")
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _profile(rows: int):
+    return profile_model(_captured(rows), model_name=NAME, warmup=0, repeats=1)
+
+
+def test_planner_costs_every_factorisation_and_keeps_the_fidelity_budget():
+    from asyncdiff_partition.core.hybrid_plan import format_candidates, make_hybrid_plan
+
+    two = make_hybrid_plan(_profile(2), 2, sliced=_profile(1), steps=20, bandwidth_gbps=1.0)
+    assert sorted(c.name for c in two.candidates) == ["B1 N1 S2", "B1 N2 S1", "B2 N1 S1"]
+    cfg = next(c for c in two.candidates if c.batch_parallel == 2)
+    assert cfg.stale_hops == 0 and cfg.gather_ms > 0 and cfg.ideal == pytest.approx(2.0)
+    # the sliced costs are the measured ones at batch 1, not the full batch's halved
+    assert cfg.exact_step_ms == pytest.approx(cfg.plan.predicted["sequential_step_ms"] + cfg.gather_ms)
+    assert two.winner.fits and two.winner.speedup >= max(c.speedup for c in two.candidates if c.fits) * 0.99
+    four = make_hybrid_plan(_profile(2), 4, sliced=_profile(1), steps=20)
+    names = {c.name: c for c in four.candidates}
+    assert {"B2 N2 S1", "B2 N1 S2", "B1 N4 S1", "B1 N3 S2"} <= set(names)
+    assert not names["B1 N4 S1"].fits and names["B2 N2 S1"].fits
+    assert four.winner.batch_parallel == 2 and four.plan.world_size == 4 and four.plan.batch_parallel == 2
+    text = format_candidates(four)
+    assert "<- chosen" in text and "why: B2" in text and "over budget" in text
+    fixed = make_hybrid_plan(_profile(2), 4, sliced=_profile(1), batch_parallel=1, steps=20, max_stale_hops=9)
+    assert {c.batch_parallel for c in fixed.candidates} == {1}
+    with pytest.raises(Exception, match="--batch-parallel 3 needs a profile at batch 2 / 3"):
+        make_hybrid_plan(_profile(2), 3, sliced=_profile(1), batch_parallel=3)
+
+
+def test_plan_command_writes_a_hybrid_plan_that_loads_and_old_plans_still_load(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    _profile(2).save(tmp_path / "b2.json")
+    _profile(1).save(tmp_path / "b1.json")
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", "--profile", str(tmp_path / "b2.json"), "--devices", "2", "--steps", "10",
+                                       "--profile-sliced", str(tmp_path / "b1.json"), "--batch-parallel", "2",
+                                       "--phases", '{"kind": "adaptive", "threshold": 0.3}', "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "B2 N1 S1" in result.output and "ideal" in result.output and "why:" in result.output
+    plan = Plan.load(out)
+    assert plan.batch_parallel == 2 and plan.phases["kind"] == "adaptive" and plan.world_size == 2
+    assert Plan.load(out) == plan
+    old = json.loads(out.read_text())
+    del old["batch_parallel"], old["phases"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Plan.load(tmp_path / "old.json").batch_parallel == 1
+    bad = CliRunner().invoke(main, ["plan", "--profile", str(tmp_path / "b2.json"), "--devices", "2",
+                                    "--phases", '{"kind": "soon"}', "--out", str(out)])
+    assert bad.exit_code == 1 and bad.output.startswith("error:") and "kind" in bad.output
