@@ -312,6 +312,17 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def _phases(text: str) -> dict:
+    import json
+
+    from asyncdiff_partition.runtime.policy import PhaseError, check_phases
+
+    try:
+        return check_phases(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise PhaseError(f"--phases must be JSON, e.g. '{{\"kind\": \"adaptive\", \"threshold\": 0.3}}' ({error})") from None
+
+
 @main.command("eval")
 @model_option
 @click.option("--devices", default="2,3,4", show_default=True, help="Values of N, comma-separated.")
@@ -324,17 +335,24 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--guidance", type=float, default=2.0, show_default=True,
               help="Classifier-free guidance for class-conditional models (<= 1: none).")
 @click.option("--no-hand-split", is_flag=True, help="Leave out the block-boundary hand split.")
+@click.option("--batch-parallel", default="1", show_default=True,
+              help="Values of B; each B > 1 adds hybrid rows (B batch groups x segments).")
+@click.option("--phases", "phases_json", multiple=True,
+              help='A switching policy as JSON (repeatable), e.g. \'{"kind": "adaptive", "threshold": 0.3}\'.')
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
               help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
 @user_errors
-def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, out_dir) -> None:
+def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, batch_parallel,
+                 phases_json, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
     from asyncdiff_partition.evaluation.evaluate import evaluate
 
     result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,
-                      guidance=guidance, hand_split=not no_hand_split, out_dir=out_dir, echo=click.echo)
+                      guidance=guidance, hand_split=not no_hand_split, out_dir=out_dir, echo=click.echo,
+                      batch_parallel=_int_list(batch_parallel, "--batch-parallel"),
+                      phases=[None, *(_phases(text) for text in phases_json)])
     click.echo("")
     click.echo(result.markdown)
 

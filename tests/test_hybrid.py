@@ -272,3 +272,17 @@ def test_plan_command_writes_a_hybrid_plan_that_loads_and_old_plans_still_load(t
     bad = CliRunner().invoke(main, ["plan", "--profile", str(tmp_path / "b2.json"), "--devices", "2",
                                     "--phases", '{"kind": "soon"}', "--out", str(out)])
     assert bad.exit_code == 1 and bad.output.startswith("error:") and "kind" in bad.output
+
+
+def test_eval_puts_hybrid_rows_beside_the_segment_rows():
+    from asyncdiff_partition.evaluation.evaluate import evaluate
+
+    result = evaluate("digits", devices=(1, 2), strides=(1,), warmups=(1,), steps=4, images=1, hand_split=False,
+                      batch_parallel=(2,), phases=(None, {"kind": "fixed", "async_steps": [2, 3]}))
+    rows = {(r["split"], r["n_devices"]): r for r in result.rows if "psnr_db" in r}
+    cfg = rows[("hybrid B=2", 1)]
+    assert cfg["world_size"] == 2 and cfg["psnr_db"] > 60  # CFG-parallel: exact up to reassociation
+    assert rows[("hybrid B=2", 2)]["world_size"] == 4 and rows[("hybrid B=2", 2)]["note"] == "3 of 4 steps async"
+    switched = rows[("hybrid B=2 fixed", 2)]
+    assert switched["note"] == "1 of 4 steps async" and switched["psnr_db"] >= rows[("auto", 2)]["psnr_db"]
+    assert "hybrid B=2 fixed" in result.markdown

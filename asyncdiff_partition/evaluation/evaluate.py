@@ -88,6 +88,8 @@ def evaluate(
     out_dir: str | Path | None = None,
     profile_repeats: int = 2,
     echo: Callable[[str], None] | None = None,
+    batch_parallel: Sequence[int] = (1,),
+    phases: Sequence[dict[str, Any] | None] = (None,),
 ) -> EvalResult:
     """Sample sequentially and asynchronously per configuration and compare (Note [what eval measures]).
 
@@ -105,6 +107,10 @@ def evaluate(
         out_dir: where to write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png``.
         profile_repeats: timed runs of the one profile the plans are made from.
         echo: progress lines go here (``print``, ``click.echo``); None for silence.
+        batch_parallel: values of B; every B > 1 adds *hybrid* rows (B batch groups x the auto
+            split at every N, S, W, sampled by the reference schedule on the batch slice).
+        phases: switching policies (:mod:`~asyncdiff_partition.runtime.policy`); every one but
+            None adds rows per B (B = 1 included), the policy named in the ``split`` column.
 
     Returns:
         An :class:`EvalResult`.
@@ -158,6 +164,12 @@ def evaluate(
                     rows.append({**base, **_configuration(profile, segments, sampler, reference, digits, split, n,
                                                           stride, warmup, steps, hand, runs)})
                     say("  " + describe_row(rows[-1]))
+    for b in batch_parallel:
+        for policy in phases:
+            if b > 1 or policy is not None:
+                rows.extend({**base, **row} for row in _hybrid_rows(
+                    model, inputs, profile, sampler, reference, digits, b, policy, devices, strides, warmups,
+                    steps, profile_repeats, say))
     seconds = time.perf_counter() - begin
     guide = f", guidance {guidance:g}" if guided else ""
     markdown = format_markdown(rows, title=f"Fidelity of asynchronous denoising: {name}, T={steps}, "
@@ -209,6 +221,58 @@ def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, referen
         runs[key] = {"psnr_db": float(np.mean([psnr(a, b) for a, b in zip(reference, samples)])),
                      "ssim": float(np.mean([ssim(a, b) for a, b in zip(reference, samples)])), **digits(samples)}
     return {**row, **runs[key]}
+
+
+def _hybrid_rows(model: Any, inputs: Any, profile: Any, sampler: _Sampler, reference: np.ndarray,
+                 digits: Callable[[np.ndarray], Row], b: int, policy: dict[str, Any] | None, devices: Sequence[int],
+                 strides: Sequence[int], warmups: Sequence[int], steps: int, repeats: int,
+                 say: Callable[[str], None]) -> list[Row]:
+    """Rows of B batch groups x the auto split with a switching policy (issue 13), beside the segment-only rows."""
+    from asyncdiff_partition.core.hybrid_plan import make_hybrid_plan
+    from asyncdiff_partition.fx.capture import capture_model
+    from asyncdiff_partition.fx.opgraph import build_op_graph
+    from asyncdiff_partition.fx.profiler import profile_model
+    from asyncdiff_partition.runtime.policy import check_phases
+    from asyncdiff_partition.runtime.reference import ReferenceSchedule
+
+    label = f"hybrid B={b}" + ("" if policy is None else f" {check_phases(policy)['kind']}")
+    batch = sampler.captured.latent.shape[0]
+    if batch % b:
+        say(f"  {label}: skipped (the denoiser batch of {batch} does not split into {b} groups)")
+        return [{"split": label, "n_devices": 0, "note": f"skipped: batch {batch} does not split into B={b}"}]
+    captured, sliced = sampler.captured, profile
+    if b > 1:
+        part = zoo.example_inputs(model, batch=batch // b, seed=0)
+        captured = capture_model(model, part.args, part.kwargs, latent=part.latent)
+        sliced = profile_model(captured, model_name=profile.model, repeats=repeats, command="asyncdiff-partition eval")
+    graph = build_op_graph(captured)
+    rows = []
+    for n in devices:
+        for stride in strides:
+            for warmup in warmups:
+                row: Row = {"split": label, "n_devices": n, "stride": stride, "warmup": warmup}
+                try:
+                    choice = make_hybrid_plan(profile, b * (n + stride - 1), sliced=sliced if b > 1 else None,
+                                              batch_parallel=b, steps=steps, warmup=max(warmup, 1), phases=policy,
+                                              max_stale_hops=n * stride)
+                    c = next(c for c in choice.candidates if (c.n_devices, c.stride) == (n, stride))
+                    segments = _segments(captured, graph, sliced, n, None)
+                    schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, phases=policy, batch_parallel=b,
+                                                 timestep_input=sampler.timestep_input, latent_input=captured.latent.name)
+                except (ValueError, StopIteration) as error:
+                    rows.append({**row, "note": f"skipped: {error}"})
+                    continue
+                samples = sampler.run(schedule)
+                modes = [r["mode"] for r in schedule.policy.record()]
+                rows.append({**row, "world_size": b * (n + stride - 1),
+                             "boundaries": ", ".join(s.first_module for s in c.plan.segments[1:]),
+                             "predicted_speedup": c.speedup, "ideal_speedup": c.ideal,
+                             "imbalance": c.plan.predicted["imbalance"],
+                             "psnr_db": float(np.mean([psnr(x, y) for x, y in zip(reference, samples)])),
+                             "ssim": float(np.mean([ssim(x, y) for x, y in zip(reference, samples)])), **digits(samples),
+                             "note": f"{modes.count('async')} of {len(modes)} steps async"})
+                say("  " + describe_row(rows[-1]))
+    return rows
 
 
 def _segments(captured: Any, graph: Any, profile: Any, n: int, hand: Sequence[str] | None) -> list[Any]:
