@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check setup clean
+.PHONY: demo test test-all check setup clean
 
 setup: $(STAMP)
 
@@ -23,9 +23,15 @@ demo: $(STAMP)
 test: check
 	$(PY) -m pytest -q
 
-# Static checks, run by `make test` (and so by CI): lint and import order.
+# Also the slow tests (full-size models, 2-rank runs of every pipeline family).
+test-all: check
+	ASYNCDIFF_SLOW=1 $(PY) -m pytest -q
+
+# Static checks, run by `make test` (and so by CI): lint and import order, then types
+# (strict on the torch-free core, normal elsewhere; settings in pyproject.toml).
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy asyncdiff_partition cli
 
 clean:
 	rm -rf $(VENV) build *.egg-info

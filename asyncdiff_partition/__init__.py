@@ -20,6 +20,9 @@ The stages, and the subpackage each lives in::
     onnx       onnx/               .onnx models through the same graph, plan and runtime
     evaluation evaluation/         fidelity of asynchronous against sequential samples
 
+``api.py`` chains the stages for the CLI's ``inspect``, ``profile`` and ``plan --measure``;
+``demo.py`` is the ``demo`` command. ``docs/design.md`` explains the design.
+
 ``asyncdiff_partition.core`` imports neither torch nor diffusers; this package's top level is
 lazy, so ``import asyncdiff_partition`` is cheap and each name loads its stage on first use.
 
@@ -59,6 +62,7 @@ _EXPORTS = {
     "run_plan": "asyncdiff_partition.runtime.job",
     # pipelines and models
     "denoise": "asyncdiff_partition.pipelines.wrap",
+    "parallelize": "asyncdiff_partition.pipelines.parallelize",
     "wrap_pipeline": "asyncdiff_partition.pipelines.wrap",
     "load_model": "asyncdiff_partition.pipelines.zoo",
     # fidelity
@@ -81,6 +85,7 @@ __all__ = [
     "make_plan",
     "make_schedule",
     "OpGraph",
+    "parallelize",
     "Plan",
     "Profile",
     "profile_model",
@@ -102,6 +107,7 @@ if TYPE_CHECKING:
     from asyncdiff_partition.fx.opgraph import build_op_graph
     from asyncdiff_partition.fx.profiler import profile_model
     from asyncdiff_partition.fx.split import split_graph
+    from asyncdiff_partition.pipelines.parallelize import parallelize
     from asyncdiff_partition.pipelines.wrap import denoise, wrap_pipeline
     from asyncdiff_partition.pipelines.zoo import load_model
     from asyncdiff_partition.runtime.denoiser import AsyncDenoiser

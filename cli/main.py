@@ -1,19 +1,37 @@
-"""The ``asyncdiff-partition`` command: a thin click layer over the Python API."""
+"""The ``asyncdiff-partition`` command: a thin click layer over the Python API.
+
+Note [light commands]
+~~~~~~~~~~~~~~~~~~~~~
+``--help`` and ``plan`` (without ``--measure``) need only the torch-free core, so this module
+imports nothing at its top that loads torch or diffusers (20-50 s on a loaded 2-core machine).
+Each command imports the stages it runs inside its own body; those function-local imports are
+there for this reason alone (tests/test_imports.py keeps it so).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-# Errors a user can cause and fix; each becomes one line on stderr and exit status 1.
-# Anything else is a bug and keeps its traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, RuntimeError)
+from asyncdiff_partition.core.baseline import make_asyncdiff_plan
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.hybrid_plan import plan_hybrid_file
+from asyncdiff_partition.core.phases import PhaseError, check_phases
+from asyncdiff_partition.core.plan import format_plan, make_plan
+from asyncdiff_partition.core.profile import Profile
+from asyncdiff_partition.core.summary import format_bytes, format_summary
+
+# Errors a user can cause and fix; each becomes one line on stderr and exit status 1. Click's
+# own usage errors are click's to print. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (AsyncDiffError, OSError)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,7 +41,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except _USER_ERRORS as error:
+        except USER_ERRORS as error:
             if click.get_current_context().obj.get("debug"):
                 raise
             message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
@@ -48,7 +66,7 @@ def main(ctx: click.Context, threads: int | None, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if threads is not None:
-        import torch
+        import torch  # Note [light commands]
 
         torch.set_num_threads(threads)
 
@@ -64,10 +82,20 @@ size_option = click.option("--size", type=click.IntRange(min=1), default=None,
                            help="Latent height/width (default: the model's sample_size).")
 
 
+def prompt_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--prompt / --image / --guidance: sample or profile a pipeline folder through its own call."""
+    command = click.option("--guidance", "guidance", type=float, default=None,
+                           help="With --prompt: the pipeline's guidance_scale (default: the pipeline's).")(command)
+    command = click.option("--image", type=click.Path(dir_okay=False), default=None,
+                           help="With a pipeline folder: the conditioning image (ControlNet, image-to-X).")(command)
+    return click.option("--prompt", default=None, metavar="TEXT",
+                        help="Use --model PIPELINE_DIR's own pipeline with this prompt (--size: image pixels).")(command)
+
+
 @main.command()
 def models() -> None:
     """List the built-in model zoo."""
-    from asyncdiff_partition.pipelines import zoo
+    from asyncdiff_partition.pipelines import zoo  # Note [light commands]
 
     for name in zoo.list_models():
         tag = ("trained, weights shipped (demo)" if name in zoo.TRAINED_MODELS
@@ -84,8 +112,7 @@ def models() -> None:
 @user_errors
 def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool) -> None:
     """Capture a model and summarise its op graph: nodes, parameters, fresh nodes, cut points."""
-    from asyncdiff_partition.api import inspect_model
-    from asyncdiff_partition.core.summary import format_summary
+    from asyncdiff_partition.api import inspect_model  # Note [light commands]
 
     summary = inspect_model(model_spec, batch=batch, sample_size=size)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
@@ -105,40 +132,50 @@ def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool)
               help="ONNX models: the latent input (default: sample, latent, hidden_states, x, ...).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Profile file to write (default: MODEL.DEVICE-Nt.profile.json).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Scale every node's cost by the whole model's compiled/eager time, so that plans balance "
+              "compiled segments (see asyncdiff_partition.fx.compile).")
+@prompt_options
 @user_errors
-def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path) -> None:
+def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, latent, out_path, compile_, prompt,
+            image, guidance) -> None:
     """Measure the cost of every node of a model on a device and save a profile file.
 
     --model also takes an .onnx file: it is profiled by onnxruntime's own profiler, and --batch /
     --size then only fill its symbolic dimensions."""
-    import shlex
-    from pathlib import Path
-
-    import torch
+    import torch  # Note [light commands], as every import below
 
     from asyncdiff_partition.api import profile_spec
-    from asyncdiff_partition.core.summary import format_bytes
+    from asyncdiff_partition.onnx.model import is_onnx_path
+    from asyncdiff_partition.onnx.profiler import profile_onnx
 
     torch.set_num_threads(profile_threads)
     command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
-    from asyncdiff_partition.onnx.model import is_onnx_path
+    if prompt is not None or image is not None:  # a pipeline folder: its own call, recorded
+        from asyncdiff_partition.runtime.pipeline_job import PipelineRun, profile_pipeline
 
-    if is_onnx_path(model_spec):
-        from asyncdiff_partition.onnx.profiler import profile_onnx
-
+        result = profile_pipeline(PipelineRun(model=model_spec or "", prompt=prompt, image=image, size=size,
+                                              guidance=guidance), device=device, warmup=warmup, repeats=repeats,
+                                  command=command)
+    elif is_onnx_path(model_spec):
         result = profile_onnx(model_spec, device=device, threads=profile_threads, warmup=warmup, repeats=repeats,
                               command=command, batch=batch, size=size, latent=latent)
     else:
         result = profile_spec(model_spec, batch=batch, sample_size=size, device=device, warmup=warmup,
-                              repeats=repeats, progress=True, command=command)
+                              repeats=repeats, progress=True, command=command, compile=compile_)
     name = Path(result.model).name or "model"
-    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t.profile.json")
+    kind = "-compiled" if result.compiled else ""
+    out = Path(out_path or f"{name}.{device.replace(':', '')}-{profile_threads}t{kind}.profile.json")
     result.save(out)
     click.echo(
         f"{result.model}: {len(result.costs)} nodes on {result.device_name} ({result.threads} thread(s)); "
         f"eager {result.eager_ms['median']:.1f} ms, sum of node medians {result.node_ms_sum:.1f} ms "
         f"({100 * result.accuracy:.1f}% of eager); activations peak {format_bytes(result.peak_memory['activation_bytes'])}"
     )
+    if result.compiled:
+        c = result.compiled
+        click.echo(f"compiled ({c['mode']}): {c['compiled_ms']['median']:.1f} ms vs eager {c['eager_ms']['median']:.1f} ms; "
+                   f"node costs scaled by {c['ratio']:.3f}; compiling took {c['startup_s']:.1f} s")
     click.echo(f"wrote {out}")
 
 
@@ -188,42 +225,55 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
          measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
     if sliced_path or batch_parallel or phases_json:
-        from asyncdiff_partition.api import hybrid_plan
-
-        click.echo(hybrid_plan(profile_path, n_devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
-                               max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup, steps=steps,
-                               bandwidth_gbps=bandwidth, out_path=out_path))
+        click.echo(plan_hybrid_file(profile_path, n_devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
+                                    max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup,
+                                    steps=steps, bandwidth_gbps=bandwidth, out_path=out_path))
         return
-    from asyncdiff_partition.api import compare_asyncdiff, measure_plan
-    from asyncdiff_partition.core.plan import format_plan, make_plan
-    from asyncdiff_partition.core.profile import Profile
-
     loaded = Profile.load(profile_path)
     options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
                    bandwidth_gbps=bandwidth, link_latency_ms=latency_ms)
     hand = [b for b in boundaries.split(",") if b.strip()] if boundaries else None
     result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
     result.save(out_path)
-    hand_plan = compare_asyncdiff(loaded, n_devices, **options) if compare else None
-    from asyncdiff_partition.onnx.model import is_onnx_path
-
-    if measure and is_onnx_path(model_spec or loaded.model):  # segments run by onnxruntime
-        from asyncdiff_partition.onnx.segments import measure_onnx_plan as measure_plan
-    measured = measure_plan(loaded, result, model_spec=model_spec) if measure else None
+    hand_plan = make_asyncdiff_plan(loaded, n_devices, **options) if compare else None
+    measure_plan = _plan_timer(model_spec or loaded.model) if measure else None
+    measured = measure_plan(loaded, result, model_spec=model_spec) if measure_plan else None
     click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)",
                            measured=measured))
     if hand_plan is not None:
         click.echo("")
-        hand_measured = measure_plan(loaded, hand_plan, model_spec=model_spec) if measure else None
+        hand_measured = measure_plan(loaded, hand_plan, model_spec=model_spec) if measure_plan else None
         click.echo(format_plan(hand_plan, title=f"AsyncDiff's hand split at N={n_devices}", measured=hand_measured))
     click.echo(f"wrote {out_path}")
+
+
+def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
+    """What times a plan's segments on this machine: onnxruntime for an .onnx model, else torch."""
+    # Note [light commands]: only `plan --measure` pays for these imports.
+    from asyncdiff_partition.onnx.model import is_onnx_path
+
+    if is_onnx_path(model_spec):
+        from asyncdiff_partition.onnx.segments import measure_onnx_plan
+
+        return measure_onnx_plan
+    from asyncdiff_partition.api import measure_plan
+
+    return measure_plan
 
 
 @main.command()
 @click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
               help="Zoo name, local diffusers model/pipeline directory or .onnx file (default: the plan's model).")
-@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
-              help="Plan file from `asyncdiff-partition plan`.")
+@click.option("--plan", "plan_path", default=None, type=click.Path(dir_okay=False),
+              help="Plan file from `asyncdiff-partition plan` (with --prompt: optional, made on the fly).")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="Sample --model PIPELINE_DIR's own pipeline with this prompt, parallelized.")
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="With --prompt: the conditioning image (ControlNet, image-to-X pipelines).")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="With --prompt: N segments (default: the plan's, else 2).")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="With --prompt: image height/width in pixels (default: the pipeline's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps T (default: the plan's).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps W (default: the plan's).")
 @click.option("--stride", type=click.Choice(["1", "2"]), default=None, help="Stride S (default: the plan's).")
@@ -240,23 +290,53 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
 @click.option("--reference", is_flag=True,
               help="Run the single-process reference schedule instead of the ranks.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds a rank waits for another before giving up.")
+              help="Seconds a rank waits for another before giving up; a rank that stops answering ends "
+              "the run within this + a few seconds.")
+@click.option("--oversubscribe", is_flag=True,
+              help="Start more ranks than there are devices (GPUs, or CPU cores for CPU ranks).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile each rank's segment (CUDA graphs on CUDA; on CPU needs a C++ compiler, "
+              "else eager with a warning).")
 @click.pass_context
 @user_errors
-def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_dir, trace_path, nproc, reference,
-        timeout_s) -> None:
+def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance, out_dir,
+        trace_path, nproc, reference, timeout_s, oversubscribe, compile_) -> None:
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
-    An .onnx model (onnxruntime segments) denoises a seeded random latent and writes latent.npy."""
-    from asyncdiff_partition.onnx.run import is_onnx_run, run_onnx_plan
-    from asyncdiff_partition.runtime.job import RunConfig, run_plan
-    from asyncdiff_partition.runtime.report import format_run
+    With --prompt (and --image), --model is a saved diffusers pipeline folder: its own pipeline
+    runs, parallelized, and writes its real output. An .onnx model (onnxruntime segments)
+    denoises a seeded random latent and writes latent.npy.
+    Ctrl-C or SIGTERM ends every rank and exits with status 130 or 143."""
+    from asyncdiff_partition.runtime.launch import DEBUG_ENV, Interrupted, handle_interrupts
 
-    config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
-                       stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
-                       trace=trace_path, reference=reference, nproc=nproc,
-                       threads=ctx.parent.params.get("threads"), timeout_s=timeout_s)
-    result = run_onnx_plan(config) if is_onnx_run(model_spec, plan_path) else run_plan(config)
+    if prompt is not None or image is not None:
+        _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
+                      out_dir, reference, timeout_s)
+        return
+    if plan_path is None:
+        from asyncdiff_partition.runtime.pipeline_job import PipelineJobError
+
+        raise PipelineJobError("run needs --plan FILE (from 'asyncdiff-partition plan'), or --model PIPELINE_DIR "
+                               "--prompt TEXT to run a saved pipeline")
+
+    if ctx.obj.get("debug"):
+        os.environ[DEBUG_ENV] = "1"  # the ranks and the launcher keep torch's logs and warnings
+    try:
+        with handle_interrupts():
+            from asyncdiff_partition.runtime.job import RunConfig, run_plan  # Note [light commands]
+            from asyncdiff_partition.runtime.report import format_run
+
+            config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
+                               stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
+                               trace=trace_path, reference=reference, nproc=nproc,
+                               threads=ctx.parent.params.get("threads"), timeout_s=timeout_s,
+                               oversubscribe=oversubscribe, compile=compile_)
+            result = run_plan(config)  # the ONNX backend for an .onnx model or a plan of one
+    except (Interrupted, KeyboardInterrupt) as interrupted:
+        if ctx.obj.get("debug"):
+            raise
+        click.echo("error: interrupted", err=True)
+        sys.exit(getattr(interrupted, "exit_code", 130))
     if result["report"] is None:  # a rank other than 0 of an outside launch
         return
     click.echo(format_run(result["summary"], wall_s=result["wall_s"]))
@@ -265,6 +345,28 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
     click.echo(f"wrote {result['report']}")
     if result["trace"]:
         click.echo(f"wrote {result['trace']}")
+
+
+def _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
+                  out_dir, reference, timeout_s) -> None:
+    from asyncdiff_partition.runtime.pipeline_job import PipelineJobError, PipelineRun, run_pipeline
+
+    if model_spec is None:
+        raise PipelineJobError("--prompt needs --model PIPELINE_DIR (a folder written by the pipeline's "
+                               "save_pretrained); add --model")
+    config = PipelineRun(model=model_spec, prompt=prompt, image=image, devices=devices, plan=plan_path, size=size,
+                         steps=steps, guidance=guidance, warmup=1 if warmup is None else warmup,
+                         stride=int(stride or 1), seed=seed, out_dir=out_dir, reference=reference,
+                         threads=ctx.parent.params.get("threads"), timeout_s=timeout_s, progress=True)
+    result = run_pipeline(config)
+    if "pipeline" in result:
+        click.echo(f"{result['pipeline']}: {result['denoiser']} ({result['dtype']}, latent "
+                   f"{'x'.join(map(str, result['latent_shape']))}) split at {result['boundaries']}; "
+                   f"sampling took {result['wall_s']:.2f} s")
+    for path in result.get("images", []) + result.get("frames", []) + result.get("videos", []):
+        click.echo(f"wrote {path}")
+    if result.get("plan") and not plan_path:
+        click.echo(f"wrote {result['plan']}")
 
 
 @main.command("export-onnx")
@@ -279,7 +381,7 @@ def run(ctx, model_spec, plan_path, steps, warmup, stride, seed, guidance, out_d
 @user_errors
 def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
     """Write one ONNX model per segment of a plan, each checked against its segment on the example inputs."""
-    from asyncdiff_partition.onnx.export import MANIFEST, export_plan_onnx
+    from asyncdiff_partition.onnx.export import MANIFEST, export_plan_onnx  # Note [light commands]
 
     manifest = export_plan_onnx(plan_path, out_dir, model_spec=model_spec, opset=opset)
     for s in manifest["segments"]:
@@ -297,7 +399,7 @@ def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
 def demo(out_dir: str, steps: int) -> None:
     """The main job on the bundled digits model: capture, profile, plan for 2 devices, run it async
     on 2 processes beside the sequential model; writes comparison.png and prints speedup and fidelity."""
-    from asyncdiff_partition.api import run_demo
+    from asyncdiff_partition.demo import run_demo  # Note [light commands]
 
     run_demo(out_dir, steps=steps, echo=click.echo)
 
@@ -306,17 +408,13 @@ def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{option} expects comma-separated integers like 1,2; got {text!r}") from None
+        values = []
     if not values:
-        raise ValueError(f"{option} expects comma-separated integers like 1,2; got {text!r}")
+        raise ConfigError(f"{option} expects comma-separated integers like 1,2; got {text!r}")
     return values
 
 
 def _phases(text: str) -> dict:
-    import json
-
-    from asyncdiff_partition.runtime.policy import PhaseError, check_phases
-
     try:
         return check_phases(json.loads(text))
     except json.JSONDecodeError as error:
@@ -335,6 +433,10 @@ def _phases(text: str) -> dict:
 @click.option("--guidance", type=float, default=2.0, show_default=True,
               help="Classifier-free guidance for class-conditional models (<= 1: none).")
 @click.option("--no-hand-split", is_flag=True, help="Leave out the block-boundary hand split.")
+@click.option("--latency-slack", default="0.03", show_default=True,
+              help="Fidelity-aware splits: latency slacks over the optimal bottleneck, comma-separated ('' for none).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Like --images, for the staleness calibration batch (drawn with other noise).")
 @click.option("--batch-parallel", default="1", show_default=True,
               help="Values of B; each B > 1 adds hybrid rows (B batch groups x segments).")
 @click.option("--phases", "phases_json", multiple=True,
@@ -342,19 +444,54 @@ def _phases(text: str) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
               help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
 @user_errors
-def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, batch_parallel,
-                 phases_json, out_dir) -> None:
+def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, latency_slack,
+                 calibration_images, batch_parallel, phases_json, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
-    from asyncdiff_partition.evaluation.evaluate import evaluate
+    from asyncdiff_partition.evaluation.evaluate import evaluate  # Note [light commands]
 
     result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,
-                      guidance=guidance, hand_split=not no_hand_split, out_dir=out_dir, echo=click.echo,
+                      guidance=guidance, hand_split=not no_hand_split,
+                      latency_slacks=_float_list(latency_slack, "--latency-slack") or [],
+                      calibration_images=calibration_images, out_dir=out_dir,
                       batch_parallel=_int_list(batch_parallel, "--batch-parallel"),
-                      phases=[None, *(_phases(text) for text in phases_json)])
+                      phases=[None, *(_phases(text) for text in phases_json)], echo=click.echo)
     click.echo("")
     click.echo(result.markdown)
+
+
+@main.command()
+@model_option
+@click.option("--devices", required=True, type=click.IntRange(min=1), help="D, the devices (ranks) available.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target: the most faithful configuration within this predicted latency.")
+@click.option("--min-psnr", type=float, default=None, help="Target: the fastest configuration with this PSNR (dB).")
+@click.option("--max-fd-ratio", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target (digits): the fastest configuration within this Fréchet distance / sequential.")
+@click.option("--steps", type=click.IntRange(min=2), default=20, show_default=True, help="Denoising steps T.")
+@click.option("--images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Calibration batch: samples per class (class-conditional models), else samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, conditioning and noise.")
+@click.option("--guidance", type=float, default=2.0, show_default=True,
+              help="Classifier-free guidance for class-conditional models (<= 1: none).")
+@click.option("--stride", default="1,2", show_default=True, help="Values of S searched.")
+@click.option("--warmup", default="1", show_default=True, help="Values of W searched.")
+@click.option("--latency-slack", default="0,0.03,0.1", show_default=True,
+              help="Cut slacks searched (0: latency-optimal; x: least stale within (1+x) of it).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="tune", show_default=True,
+              help="Folder for tune.md, tune.csv, tune.png, profile.json and the chosen plan.json.")
+@user_errors
+def tune(model_spec, devices, max_latency_ms, min_psnr, max_fd_ratio, steps, images, seed, guidance, stride, warmup,
+         latency_slack, out_dir) -> None:
+    """Search N, S, W and the cut slack for a latency or fidelity target; writes the Pareto table and
+    plot and the chosen plan file."""
+    from asyncdiff_partition.evaluation.tune import tune as run_tune
+
+    run_tune(model_spec, devices=devices, max_latency_ms=max_latency_ms, min_psnr=min_psnr, max_fd_ratio=max_fd_ratio,
+             steps=steps, images=images, seed=seed, guidance=guidance, strides=_int_list(stride, "--stride"),
+             warmups=_int_list(warmup, "--warmup"), slacks=_float_list(latency_slack, "--latency-slack") or [0.0],
+             out_dir=out_dir, progress=True, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

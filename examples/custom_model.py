@@ -1,11 +1,18 @@
-"""Custom model via the Python API: a small plain-PyTorch U-ViT captured as an fx graph.
+"""Custom model via the Python API, all the way: capture -> profile -> plan -> sample.
 
 U-ViT (Bao et al., "All are Worth Words: A ViT Backbone for Diffusion Models", CVPR 2023)
 treats time, condition and image patches all as tokens and adds long skip connections from
 each shallow block to its mirror deep block, as a UNet does. Nothing here depends on diffusers:
 any nn.Module whose forward has no Python control flow on tensor values can be captured.
 
-    python examples/custom_model.py
+    python examples/custom_model.py                   # reference schedule, one process
+    python examples/custom_model.py --ranks           # also on 2 real processes (gloo)
+
+The stages: ``capture_model`` (fx graph, verified against eager) -> ``build_op_graph`` ->
+``profile_model`` (every node timed here) -> ``make_plan`` (latency-balanced cut into N
+segments) -> ``split_graph`` -> ``denoise``, a plain DDIM loop with classifier-free guidance,
+driving the single-process ``ReferenceSchedule`` (W = T: the unsplit model exactly; W = 1:
+AsyncDiff's stale schedule) or one ``AsyncDenoiser`` per rank.
 """
 
 from __future__ import annotations
@@ -142,20 +149,98 @@ def example_inputs(batch: int = 2, seed: int = 0) -> tuple[tuple, dict[str, Any]
     return (sample,), {"timestep": timestep, "class_labels": class_labels}
 
 
-def main() -> None:
-    """Capture the U-ViT through the Python API and print its op-graph summary."""
-    import torch
+STEPS, GUIDANCE, DIGITS = 10, 3.0, [0, 1, 2, 3]  # one sample per class label
 
-    from asyncdiff_partition.core.summary import format_summary, summarize
+
+def _loop_inputs(seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The initial noise and the conditioning of the guided batch (null label first, as in ``denoise``)."""
+    noise = torch.randn(len(DIGITS), 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    labels = torch.tensor(DIGITS)
+    return noise, {"class_labels": torch.cat([torch.full_like(labels, 10), labels])}
+
+
+def sample(denoiser: Any, captured: Any) -> torch.Tensor:
+    """A 10-step DDIM run of ``denoiser`` (any StepDenoiser) from seeded noise."""
+    from diffusers import DDIMScheduler
+
+    from asyncdiff_partition.pipelines.wrap import denoise
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(STEPS)
+    noise, cond = _loop_inputs()
+    return denoise(denoiser, captured, scheduler=scheduler, latents=noise, timesteps=scheduler.timesteps, cond=cond,
+                   guidance_scale=GUIDANCE)
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The graph's output tensor (a graph may return it alone or in a tuple)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def capture() -> Any:
+    """Capture the U-ViT at the loop's shapes: the guided batch is twice the samples."""
     from asyncdiff_partition.fx.capture import capture_model
-    from asyncdiff_partition.fx.opgraph import build_op_graph
+
+    args, kwargs = example_inputs(batch=2 * len(DIGITS))
+    return capture_model(build_uvit(), args, kwargs)  # verified against eager on two inputs
+
+
+def rank_sample(plan_path: str) -> torch.Tensor:
+    """One rank of the 2-process run: capture, keep this rank's segment, sample (runs under ``launch``)."""
+    from asyncdiff_partition.core.plan import Plan
+    from asyncdiff_partition.fx.ready import ready_segments
+    from asyncdiff_partition.runtime import comm
+    from asyncdiff_partition.runtime.denoiser import AsyncDenoiser, segment_for_rank
 
     torch.set_num_threads(1)
-    model = build_uvit()
-    args, kwargs = example_inputs()
-    captured = capture_model(model, args, kwargs)  # verified against eager on two inputs
+    plan = Plan.load(plan_path)
+    comm.init()
+    captured = capture()  # each rank captures for itself; the ranks check that they agree
+    segment = segment_for_rank(ready_segments(captured, plan, world_size=comm.world_size()))
+    denoiser = AsyncDenoiser(segment, plan, input_names=[s.name for s in captured.inputs], latent=captured.latent.name,
+                             warmup=1, stride=1, timestep_input="timestep")
+    return sample(denoiser, captured)
+
+
+def main() -> None:
+    """Capture, profile and plan the U-ViT for 2 devices, then sample with the plan."""
+    import argparse
+    import tempfile
+
+    from asyncdiff_partition.core.placement import place
+    from asyncdiff_partition.core.plan import format_plan, make_plan
+    from asyncdiff_partition.core.summary import format_summary, summarize_model
+    from asyncdiff_partition.fx.opgraph import build_op_graph
+    from asyncdiff_partition.fx.profiler import profile_model
+    from asyncdiff_partition.fx.split import split_graph
+    from asyncdiff_partition.runtime.reference import ReferenceSchedule
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", action="store_true", help="also sample on 2 real processes (gloo)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per node while profiling")
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+
+    captured = capture()  # 1. capture
     graph = build_op_graph(captured)
-    print(format_summary(summarize(captured, graph, model_name="U-ViT (examples/custom_model.py)")))
+    print(format_summary(summarize_model(captured, graph, model_name="U-ViT (examples/custom_model.py)")))
+    profile = profile_model(captured, model_name="uvit", repeats=options.repeats)  # 2. profile
+    plan = make_plan(profile, 2, warmup=1, steps=STEPS)  # 3. plan
+    print(format_plan(plan, title="plan for 2 devices"))
+
+    segments = split_graph(captured, place(graph, plan.boundaries))  # 4. sample
+    exact = sample(ReferenceSchedule(segments, warmup=STEPS), captured)
+    eager = sample(lambda inputs: model_output(captured.graph_module(*inputs.values())), captured)
+    stale = sample(ReferenceSchedule(segments, warmup=1), captured)
+    print(f"W={STEPS} (exact) vs the unsplit model: max abs diff {(exact - eager).abs().max().item():.3g}")
+    print(f"W=1 (AsyncDiff, 2 segments) vs exact: max abs diff {(stale - exact).abs().max().item():.3g}")
+    if options.ranks:
+        from asyncdiff_partition.runtime.launch import launch
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = plan.save(f"{folder}/plan.json")
+            results = launch(rank_sample, (str(path),), nproc=2, timeout_s=120)
+        print(f"2 ranks vs the W=1 reference: max abs diff {(results[0] - stale).abs().max().item():.3g}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from asyncdiff_partition.core.schedule import slot_segment
+from asyncdiff_partition.fx.ready import ready_segments
 from asyncdiff_partition.runtime import comm
-from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+from asyncdiff_partition.runtime.denoiser import AsyncDenoiser, segment_for_rank
 
 
 class ChunkNet(torch.nn.Module):
@@ -43,6 +44,13 @@ def sample(denoiser, feed: dict[str, torch.Tensor], latent: str, timesteps: list
     return history, x
 
 
+def make_denoiser(captured, plan, **options) -> AsyncDenoiser:
+    """This rank compiles the plan itself (as under an outside torchrun) and keeps its segment."""
+    segment = segment_for_rank(ready_segments(captured, plan, world_size=comm.world_size()))
+    return AsyncDenoiser(segment, plan, input_names=[s.name for s in captured.inputs], latent=captured.latent.name,
+                         example=dict(zip((s.name for s in captured.inputs), captured.example)), **options)
+
+
 def alive_bytes(refs: list[weakref.ref]) -> int:
     """Bytes of the tensors behind ``refs`` that are still alive (shared storage once)."""
     gc.collect()
@@ -57,7 +65,8 @@ def alive_bytes(refs: list[weakref.ref]) -> int:
 def run_jobs(blobs: dict[str, bytes], jobs: list[dict[str, Any]], timesteps: list[int]) -> dict[str, Any]:
     """Per job: build one AsyncDenoiser (from a fresh copy of the captured model), measure how much
     of the model's weights stay alive once the copy is dropped, then sample once per case.
-    Jobs of kind "error" record the message a bad plan raises."""
+    Jobs with "expect_error" record the message a bad plan raises; a job may give rank 1 a
+    plan of its own ("plan_rank1")."""
     torch.set_num_threads(1)
     rank, _, _ = comm.init()
     out: dict[str, Any] = {}
@@ -65,7 +74,7 @@ def run_jobs(blobs: dict[str, bytes], jobs: list[dict[str, Any]], timesteps: lis
         captured = pickle.loads(blobs[job["model"]])
         if job.get("expect_error"):
             try:
-                AsyncDenoiser(captured, job["plan"])
+                make_denoiser(captured, job["plan"] if rank != 1 else job.get("plan_rank1", job["plan"]))
             except ValueError as error:
                 out[job["key"]] = f"{type(error).__name__}: {error}"
             else:
@@ -76,7 +85,7 @@ def run_jobs(blobs: dict[str, bytes], jobs: list[dict[str, Any]], timesteps: lis
         gm = captured.graph_module
         weights = [weakref.ref(t) for t in [*gm.parameters(), *gm.buffers()]]
         full = alive_bytes(weights)
-        denoiser = AsyncDenoiser(captured, job["plan"])
+        denoiser = make_denoiser(captured, job["plan"])
         del captured, gm
         kept = alive_bytes(weights)  # what of the model this rank still holds
         runs = []
@@ -97,7 +106,7 @@ def fail_at(blob: bytes, plan, timesteps: list[int], rank_to_fail: int, step_to_
     rank, _, _ = comm.init()
     captured = pickle.loads(blob)
     feed = {spec.name: t for spec, t in zip(captured.inputs, captured.example)}
-    denoiser = AsyncDenoiser(captured, plan)
+    denoiser = make_denoiser(captured, plan)
     if rank == rank_to_fail:
         module, calls = denoiser._segment.module, []
 

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from _dist_worker import sample
 
+from asyncdiff_partition.fx.ready import ready_segments
 from asyncdiff_partition.runtime import comm
-from asyncdiff_partition.runtime.hybrid import HybridDenoiser
+from asyncdiff_partition.runtime.hybrid import HybridDenoiser, segment_for_hybrid_rank
 
 
 def run_hybrid(blobs: dict[str, bytes], feed: dict[str, torch.Tensor], jobs: list[dict[str, Any]],
@@ -23,7 +24,10 @@ def run_hybrid(blobs: dict[str, bytes], feed: dict[str, torch.Tensor], jobs: lis
     for job in jobs:
         captured = pickle.loads(blobs[job["model"]])
         latent = captured.latent.name
-        denoiser = HybridDenoiser(captured, job["plan"], warmup=1, warm_up=False)  # set-up once per job
+        plan = job["plan"]
+        segment = segment_for_hybrid_rank(ready_segments(captured, plan, world_size=comm.world_size()), plan)
+        denoiser = HybridDenoiser(segment, plan, input_names=[s.name for s in captured.inputs], latent=latent,
+                                  warmup=1)  # set-up once per job
         for i, case in enumerate(job["cases"]):
             denoiser.phases = case.get("phases")
             if job.get("batch"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import tiny, tiny_captured
 
-from asyncdiff_partition.fx.capture import MODULE_KEY, CaptureError, capture_model
+from asyncdiff_partition.core.errors import ConfigError
+from asyncdiff_partition.fx.capture import MODULE_KEY, CallError, CaptureError, capture_model
 from asyncdiff_partition.pipelines import zoo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_capture_matches_eager_for_every_tiny_zoo_model(name):
 
 
 def test_diffusers_unet_needs_export_and_says_why_fx_failed(unet_captured):
-    # DESIGN.md: symbolic_trace fails on diffusers UNets (iterating a Proxy).
+    # docs/design.md: symbolic_trace fails on diffusers UNets (iterating a Proxy).
     assert unet_captured.method == "export"
     (method, message), = unet_captured.attempts
     assert method == "fx" and "Proxy" in message and "unet_2d_condition.py" in message
@@ -84,7 +85,7 @@ def test_nested_inputs_are_flattened_with_paths():
     assert [s.name for s in captured.inputs][2:] == ["added_cond_kwargs_text_embeds", "added_cond_kwargs_time_ids"]
     assert captured.latent.name == "sample"
     torch.testing.assert_close(captured(*args, **kwargs), model(*args, **kwargs))
-    with pytest.raises(ValueError, match="captured as 2.0"):
+    with pytest.raises(CallError, match="captured as 2.0"):
         captured(*args, **{**kwargs, "scale": 3.0})
 
 
@@ -128,15 +129,15 @@ def test_graph_that_differs_from_eager_is_rejected():
         capture_model(model, (torch.randn(2, 3),))
 
 
-def test_bad_arguments_are_value_errors():
+def test_bad_arguments_are_project_value_errors():
     model = torch.nn.Linear(3, 3)
-    with pytest.raises(ValueError, match="unknown capture method"):
+    with pytest.raises(ConfigError, match="unknown capture method"):
         capture_model(model, (torch.randn(1, 3),), methods=["jit"])
-    with pytest.raises(ValueError, match="no tensor input"):
+    with pytest.raises(CallError, match="no tensor input"):
         capture_model(_NoTensor(), (3,))
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(CallError, match="do not fit"):
         capture_model(model, (torch.randn(1, 3), torch.randn(1)))
-    with pytest.raises(ValueError, match="latent 'z' is not a tensor input"):
+    with pytest.raises(ConfigError, match="latent 'z' is not a tensor input"):
         capture_model(model, (torch.randn(1, 3),), latent="z")
 
 

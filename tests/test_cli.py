@@ -207,3 +207,104 @@ def test_demo_writes_a_profile_a_plan_and_the_comparison(run, tmp_path):
     assert any(l.startswith("asynchronous, 2 processes") and l.count("x") >= 3 for l in lines)
     assert any(l.startswith("PSNR dB") for l in lines) and any(l.startswith("SSIM") for l in lines)
     assert f"wrote {out / 'comparison.png'}" in result.output
+
+
+def test_a_bug_keeps_its_traceback(run, profile_file, tmp_path, monkeypatch):
+    """Only AsyncDiffError and OSError are user mistakes; anything else is a bug, not an `error:` line."""
+    from asyncdiff_partition.cli import main as cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the partitioner")
+
+    monkeypatch.setattr(cli, "make_plan", broken)
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--out", str(tmp_path / "p.json"))
+    assert result.exit_code != 0
+    assert isinstance(result.exception, KeyError) and result.exc_info[2] is not None  # the traceback travels
+    assert "error:" not in result.output
+
+
+def test_an_os_error_is_one_line(run, profile_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--out", str(blocker / "p.json"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+# --- run / profile on a saved pipeline folder (--prompt) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_folders(tmp_path_factory):
+    """A tiny SD and a tiny SD ControlNet pipeline saved with save_pretrained, and a conditioning image."""
+    from tiny_pipelines import build, random_image
+
+    root = tmp_path_factory.mktemp("pipelines")
+    for family in ("sd", "controlnet"):
+        pipe, _ = build(family, root / "tokenizers")
+        pipe.save_pretrained(root / family)
+    random_image(0, 16).save(root / "edges.png")
+    return root
+
+
+def test_run_a_saved_pipeline_with_a_prompt_on_two_ranks(run, pipeline_folders, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from asyncdiff_partition.core.plan import Plan
+
+    monkeypatch.setenv("ASYNCDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = run("run", "--model", str(pipeline_folders / "sd"), "--prompt", "a red cube", "--devices", "2",
+                 "--steps", "8", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "StableDiffusionPipeline: unet (float32, latent 2x4x16x16)" in result.output
+    assert Image.open(out / "image-0.png").size == (32, 32)  # the pipeline's own default size
+    assert Plan.load(out / "plan.json").n_devices == 2 and f"wrote {out / 'plan.json'}" in result.output
+
+
+def test_run_a_controlnet_folder_with_an_image(run, pipeline_folders, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("ASYNCDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = run("run", "--model", str(pipeline_folders / "controlnet"), "--prompt", "a red cube", "--image",
+                 str(pipeline_folders / "edges.png"), "--devices", "2", "--steps", "8", "--size", "16", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "StableDiffusionControlNetPipeline: unet" in result.output
+    assert Image.open(out / "image-0.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("family, extra, message", [
+    ("sd", ["--image", "{root}/edges.png"], "StableDiffusionPipeline takes no image, so --image cannot be used"),
+    ("controlnet", [], "the dry run of StableDiffusionControlNetPipeline"),
+    ("sd", ["--size", "20"], "the dry run of StableDiffusionPipeline"),
+    ("sd/unet", [], "--prompt needs a diffusers pipeline folder (model_index.json)"),
+])
+def test_pipeline_run_mistakes_are_found_before_any_rank_starts(run, pipeline_folders, tmp_path, family, extra,
+                                                                  message):
+    out = tmp_path / "out"
+    args = [a.format(root=pipeline_folders) for a in extra]
+    result = run("run", "--model", str(pipeline_folders / family), "--prompt", "a red cube", "--devices", "2",
+                 "--out", str(out), *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
+    assert message in result.output
+    assert not out.exists()  # nothing profiled, planned or sampled
+
+
+def test_profile_plan_and_run_a_pipeline_with_a_saved_plan(run, pipeline_folders, tmp_path):
+    profile, plan, out = tmp_path / "sd.profile.json", tmp_path / "plan.json", tmp_path / "out"
+    folder = str(pipeline_folders / "sd")
+    result = run("profile", "--model", folder, "--prompt", "a red cube", "--size", "16", "--repeats", "1",
+                 "--out", str(profile))
+    assert result.exit_code == 0, result.output
+    result = run("plan", "--profile", str(profile), "--devices", "2", "--out", str(plan))
+    assert result.exit_code == 0, result.output
+    result = run("run", "--model", folder, "--prompt", "a red cube", "--size", "16", "--plan", str(plan),
+                 "--reference", "--steps", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert (out / "image-0.png").is_file() and not (out / "plan.json").exists()  # the given plan, not a new one
+    result = run("run", "--model", folder, "--prompt", "a red cube", "--size", "32", "--plan", str(plan),
+                 "--reference", "--out", str(tmp_path / "other"))
+    assert result.exit_code == 1 and "plan was made for model fingerprint" in result.output

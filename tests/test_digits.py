@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import socket
 
 import pytest
 import torch
 
+from asyncdiff_partition.core.errors import ConfigError
+from asyncdiff_partition.core.files import FileFormatError
 from asyncdiff_partition.pipelines import digits, zoo
-from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline, digits_scheduler
+from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline
 
 
 @functools.cache
@@ -86,7 +89,7 @@ def count_calls(pipe: ClassGuidedPipeline) -> list[int]:
 
 
 def test_class_pipeline_one_image_per_label() -> None:
-    pipe = ClassGuidedPipeline(unet=digits.load_digits_model(), scheduler=digits_scheduler())
+    pipe = ClassGuidedPipeline(unet=digits.load_digits_model(), scheduler=digits.digits_scheduler())
     batches = count_calls(pipe)
     images = pipe([3, 1, 4], guidance_scale=3.0, num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0)).images
@@ -95,7 +98,7 @@ def test_class_pipeline_one_image_per_label() -> None:
     plain = pipe([3, 1, 4], guidance_scale=1.0, num_inference_steps=2, output_type="np").images
     assert plain.shape == (3, 16, 16, 1) and 0 <= plain.min() and plain.max() <= 1
     assert batches[2:] == [3, 3]
-    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\)"):
+    with pytest.raises(ConfigError, match=r"class labels must be in \[0, 10\)"):
         pipe([10])
 
 
@@ -112,12 +115,16 @@ def test_build_pipeline_samples_every_digit_in_order() -> None:
 def test_train_writes_loadable_weights(tmp_path) -> None:
     result = digits.train(tmp_path / "w", steps=2, batch=4, command="test", log=lambda line: None)
     assert result.weights.is_file() and result.config.is_file() and result.steps == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert result.weights.stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600: readable by all
+    assert not list((tmp_path / "w").glob("*.tmp"))  # written atomically: no temp file left behind
     model = digits.load_digits_model(tmp_path / "w")
     assert model.config.num_class_embeds == 11
     assert digits.weights_metadata(tmp_path / "w")["command"] == "test"
 
 
 def test_missing_weights_say_how_to_train(tmp_path) -> None:
-    with pytest.raises(ValueError, match="python -m asyncdiff_partition.pipelines.digits train"):
+    with pytest.raises(FileFormatError, match="python -m asyncdiff_partition.pipelines.digits train"):
         digits.load_digits_model(tmp_path)
     assert digits.main(["sample", "--weights", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 1

@@ -8,6 +8,7 @@ from conftest import tiny_captured
 from torch.fx.passes.split_module import split_module
 
 from asyncdiff_partition.core.graph import GraphError, OpGraph
+from asyncdiff_partition.core.placement import PlacementError, segment_inputs, segment_of
 from asyncdiff_partition.fx.opgraph import build_op_graph, value_bytes
 
 
@@ -51,7 +52,7 @@ def test_cut_table_matches_brute_force_crossings(small):
 
 def test_segment_inputs_count_only_what_each_segment_consumes(small):
     i = small.index
-    received = small.segment_inputs([0, i["b"], i["c"], len(small)])
+    received = segment_inputs(small, [0, i["b"], i["c"], len(small)])
     assert received == [{}, {"a": 100}, {"a": 100, "b": 50}]
 
 
@@ -70,8 +71,8 @@ def test_invalid_graphs_are_rejected():
         OpGraph.from_nodes([_node("a"), _node("a")], [])
     with pytest.raises(GraphError, match="lacks fields"):
         OpGraph.from_nodes([{"name": "a"}], [])
-    with pytest.raises(GraphError, match="rise strictly"):
-        OpGraph.from_nodes([_node("a"), _node("b")], []).segment_of([0, 0, 2])
+    with pytest.raises(PlacementError, match="strictly increasing"):
+        segment_of(OpGraph.from_nodes([_node("a"), _node("b")], []), [0, 0, 2])
 
 
 def test_unet_graph_has_fresh_time_embedding_and_all_parameters(unet_captured):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import tiny
 
-from asyncdiff_partition.core.plan import Plan, make_plan
+from asyncdiff_partition.core.placement import place
+from asyncdiff_partition.core.plan import Plan, PlanError, make_plan
 from asyncdiff_partition.core.schedule import world_size
 from asyncdiff_partition.fx.capture import capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
@@ -63,7 +64,7 @@ def _plan(b: int, n: int, s: int) -> Plan:
 @functools.cache
 def _segments(b: int, n: int, s: int):
     captured = _captured(2 // b)
-    return split_graph(captured, build_op_graph(captured), _plan(b, n, s).boundaries)
+    return split_graph(captured, place(build_op_graph(captured), _plan(b, n, s).boundaries))
 
 
 def _reference(b: int, n: int, s: int, case: dict):
@@ -267,6 +268,7 @@ def test_plan_command_writes_a_hybrid_plan_that_loads_and_old_plans_still_load(t
     assert Plan.load(out) == plan
     old = json.loads(out.read_text())
     del old["batch_parallel"], old["phases"]
+    old["world_size"] = old["n_devices"] + old["stride"] - 1  # an old plan was one group's
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert Plan.load(tmp_path / "old.json").batch_parallel == 1
     bad = CliRunner().invoke(main, ["plan", "--profile", str(tmp_path / "b2.json"), "--devices", "2",
@@ -286,3 +288,21 @@ def test_eval_puts_hybrid_rows_beside_the_segment_rows():
     switched = rows[("hybrid B=2 fixed", 2)]
     assert switched["note"] == "1 of 4 steps async" and switched["psnr_db"] >= rows[("auto", 2)]["psnr_db"]
     assert "hybrid B=2 fixed" in result.markdown
+
+
+def test_plan_files_check_batch_parallel_world_size_and_phases_on_load(tmp_path):
+    import json
+
+    good = _plan(2, 1, 1)
+    path = good.save(tmp_path / "plan.json")
+    assert Plan.load(path) == good
+    for change, match in [({"world_size": 1}, r"world_size must be batch_parallel \* \(n_devices \+ stride - 1\) = 2"),
+                          ({"batch_parallel": 0}, "batch_parallel must be an integer >= 1"),
+                          ({"phases": {"kind": "soon"}}, "phases must be a switching policy.*kind"),
+                          ({"phases": [1, 2]}, "phases must be a switching policy")]:
+        data = {**json.loads(path.read_text()), **change}
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(PlanError, match=match):
+            Plan.load(tmp_path / "bad.json")
+    with pytest.raises(PlanError, match=r"B x \(N \+ stride - 1\) with B=2 batch groups = 2 ranks, but this run has 1"):
+        good.check_world_size(1)

@@ -17,6 +17,7 @@ from conftest import tiny, tiny_captured, tiny_profile
 
 from asyncdiff_partition.cli.main import main
 from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import Plan, PlanError, make_plan, module_boundaries
 from asyncdiff_partition.core.profile import Profile, fingerprint
 from asyncdiff_partition.fx.opgraph import build_op_graph
@@ -25,10 +26,11 @@ from asyncdiff_partition.onnx.export import export_plan_onnx, load_exported
 from asyncdiff_partition.onnx.model import OUTPUT as ONNX_OUTPUT
 from asyncdiff_partition.onnx.model import OnnxModelError, load_onnx
 from asyncdiff_partition.onnx.profiler import example_feed, make_session, node_costs, profile_onnx
-from asyncdiff_partition.onnx.run import run_onnx_plan, sample
-from asyncdiff_partition.onnx.segments import OnnxCapture, split_onnx
-from asyncdiff_partition.runtime.job import RunConfig
+from asyncdiff_partition.onnx.run import OnnxBackend, sample
+from asyncdiff_partition.onnx.segments import OnnxCapture, ready_onnx_segments, split_onnx
+from asyncdiff_partition.runtime.job import run_plan
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
+from asyncdiff_partition.runtime.settings import RunConfig
 
 pytest.importorskip("onnxruntime")
 
@@ -66,7 +68,7 @@ def profiled(model, tmp_path_factory):
 def _torch_segments(boundary_module):
     captured = tiny_captured(NAME)
     graph = build_op_graph(captured)
-    return captured, split_graph(captured, graph, [0, *module_boundaries(graph, [boundary_module]), len(graph)])
+    return captured, split_graph(captured, place(graph, [0, *module_boundaries(graph, [boundary_module]), len(graph)]))
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def test_kernel_events_become_node_costs():
 
 def test_segments_recompute_the_model(model, profiled):
     plan = make_plan(profiled[0], 3)
-    segments = split_onnx(model, plan.boundaries)
+    segments = split_onnx(model, place(model.graph, plan.boundaries))
     assert [s.index for s in segments] == [0, 1, 2] and segments[-1].outputs[-1] == OUTPUT
     assert "sample" not in segments[2].inputs and segments[2].receives  # the latent arrives as values
     feed = example_feed(model)
@@ -157,7 +159,7 @@ def test_segments_recompute_the_model(model, profiled):
 
 def test_reference_schedule_on_onnx_equals_it_on_torch(model):
     captured, torch_segments = _torch_segments(CUT)
-    onnx_segments = split_onnx(model, [0, *module_boundaries(model.graph, [CUT]), len(model.graph)])
+    onnx_segments = split_onnx(model, place(model.graph, [0, *module_boundaries(model.graph, [CUT]), len(model.graph)]))
     assert len(onnx_segments[1].receives) == len(torch_segments[1].receives) == 7
     for warmup, stride in ((1, 1), (2, 1), (1, 2)):
         theirs = ReferenceSchedule(torch_segments, warmup=warmup, stride=stride)
@@ -177,8 +179,8 @@ def test_async_on_two_gloo_ranks_equals_the_torch_reference(profiled, tmp_path):
     profile, profile_path = profiled
     plan = make_plan(profile, 2, boundaries=[CUT], steps=4, warmup=1, profile_path=str(profile_path))
     plan_path = plan.save(tmp_path / "plan.json")
-    result = run_onnx_plan(RunConfig(model=None, plan=str(plan_path), out_dir=str(tmp_path / "run"), threads=1,
-                                     guidance=1.0, timeout_s=60, progress=False))
+    result = run_plan(RunConfig(model=None, plan=str(plan_path), out_dir=str(tmp_path / "run"), threads=1,
+                                guidance=1.0, timeout_s=60, progress=False), OnnxBackend())
     got = torch.from_numpy(np.load(result["latent"]))
     captured, torch_segments = _torch_segments(CUT)
     expected = sample(ReferenceSchedule(torch_segments, warmup=1), captured, steps=4, seed=0, guidance=1.0)
@@ -192,11 +194,14 @@ def test_async_on_two_gloo_ranks_equals_the_torch_reference(profiled, tmp_path):
 def test_a_plan_of_another_model_is_refused(model, profiled):
     plan = make_plan(profiled[0], 2)
     with pytest.raises(PlanError, match="fingerprint 0123456789abcdef"):
-        OnnxCapture(model).split_for_plan(dataclasses.replace(plan, fingerprint="0123456789abcdef"), 2, 1)
+        ready_onnx_segments(model, dataclasses.replace(plan, fingerprint="0123456789abcdef"), world_size=2)
     with pytest.raises(OnnxModelError, match="shape inference failed"):  # shapes baked into the export
         load_onnx(model.path, input_shapes={"sample": [2, 4, 8, 8]})
-    with pytest.raises(PlanError, match="needs 2 ranks"):
-        OnnxCapture(model).split_for_plan(plan, 3, 1)
+    with pytest.raises(PlanError, match="needs N \\+ stride - 1 = 2 ranks"):
+        ready_onnx_segments(model, plan, world_size=3)
+    ready = ready_onnx_segments(model, plan, world_size=2)  # layouts from the static shapes
+    assert ready[1].layouts.keys() == {*ready[1].receives, OUTPUT}
+    assert ready[1].layouts[OUTPUT].leaves[0].shape == OnnxCapture.of(model).latent.shape
 
 
 # --- export of torch segments -----------------------------------------------------------------------

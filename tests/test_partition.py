@@ -430,3 +430,101 @@ def test_twenty_thousand_nodes_eight_segments() -> None:
     naive_part = evaluate_boundaries(p, naive, **kw)  # type: ignore[arg-type]
     assert part.bottleneck <= naive_part.bottleneck
     assert part.imbalance < naive_part.imbalance
+
+
+# ---------------------------------------------------------------- staleness objective
+def with_staleness(problem: PartitionProblem, values) -> PartitionProblem:
+    return PartitionProblem(costs=problem.costs, fresh=problem.fresh, preds=problem.preds,
+                            stale_bytes=problem.stale_bytes, param_bytes=problem.param_bytes, staleness=values)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.sampled_from([0.0, 0.05, 0.25, 1.0]), st.data())
+def test_least_stale_against_brute_force(case: Case, slack: float, data) -> None:
+    """Within the slack: never over the bound, never more stale than slack 0, and the least stale."""
+    n = case.problem.n_nodes
+    values = data.draw(st.lists(st.integers(0, 8), min_size=n + 1, max_size=n + 1))
+    p = with_staleness(case.problem, [v / 4 for v in values])
+    if brute_force(case) is None:
+        return
+    fast = balance_segments(p, case.n_segments, memory_caps=case.caps, **case.link())
+    part = balance_segments(p, case.n_segments, memory_caps=case.caps, latency_slack=slack, **case.link())
+    bound = fast.bottleneck * (1 + slack)
+    assert part.bottleneck <= bound * (1 + 1e-9) + 1e-12
+    assert part.staleness <= fast.staleness + 1e-12
+    if case.caps:
+        assert all(c is None or b <= c for b, c in zip(part.param_bytes, case.caps))
+    # Brute force in cut space: every cut at the position Note [cost model] gives it.
+    nonfresh = [i for i in range(n) if not p.fresh[i]]
+    best = None
+    for cuts in itertools.combinations(range(1, len(nonfresh)), case.n_segments - 1):
+        bounds = [0] + [min(range(nonfresh[e - 1] + 1, nonfresh[e] + 1), key=lambda x: (p.stale_bytes[x], x))
+                        for e in cuts] + [n]
+        segs = ref_cost(p, bounds, case.speeds, case.bandwidth, case.latency)
+        if max(s[4] for s in segs) > bound * (1 + 1e-9) + 1e-12:
+            continue
+        if case.caps and any(c is not None and s[5] > c for s, c in zip(segs, case.caps)):
+            continue
+        cost = sum(p.staleness[b] for b in bounds[1:-1])
+        if best is None or cost < best[0]:
+            best = (cost, tuple(bounds))
+    assert best is not None
+    if slack == 0.0:  # today's plan, whatever its staleness
+        assert part.boundaries == fast.boundaries
+    else:
+        assert part.staleness == pytest.approx(best[0], abs=1e-12)
+        assert part.boundaries == best[1]  # the smallest cuts among the least stale
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases())
+def test_slack_zero_is_todays_plan(case: Case) -> None:
+    if brute_force(case) is None:
+        return
+    staleness = [float(b % 3) for b in range(case.problem.n_nodes + 1)]
+    today = balance_segments(case.problem, case.n_segments, memory_caps=case.caps, **case.link())
+    for problem in (case.problem, with_staleness(case.problem, staleness)):
+        part = balance_segments(problem, case.n_segments, memory_caps=case.caps, latency_slack=0.0, **case.link())
+        assert (part.boundaries, part.times) == (today.boundaries, today.times)
+    # Slack without a staleness table has nothing to trade for: today's plan too.
+    assert balance_segments(case.problem, case.n_segments, memory_caps=case.caps, latency_slack=0.5,
+                            **case.link()).boundaries == today.boundaries
+
+
+def test_slack_moves_the_cut_to_the_least_stale_boundary() -> None:
+    # Four equal nodes; the balanced cut (2) is very stale, the cut at 3 is not.
+    problem = PartitionProblem(costs=[1.0] * 4, fresh=[False] * 4, preds=[[], [0], [1], [2]],
+                               stale_bytes=[0, 1, 1, 1, 0], staleness=[0.0, 0.5, 9.0, 0.1, 0.0])
+    assert balance_segments(problem, 2).boundaries == (0, 2, 4)
+    assert balance_segments(problem, 2, latency_slack=0.49).boundaries == (0, 2, 4)  # 3 ms > 2 * 1.49
+    moved = balance_segments(problem, 2, latency_slack=0.5)
+    assert moved.boundaries == (0, 3, 4) and moved.bottleneck == 3.0 and moved.staleness == 0.1
+
+
+def test_least_stale_scales() -> None:
+    base = unet_like(3000, seed=3)
+    rng = random.Random(1)
+    problem = with_staleness(base, [rng.random() for _ in range(base.n_nodes + 1)])
+    fast = balance_segments(problem, 4)
+    part = balance_segments(problem, 4, latency_slack=0.03)
+    assert part.bottleneck <= fast.bottleneck * 1.03 * (1 + 1e-9)
+    assert part.staleness <= fast.staleness
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"latency_slack": -0.1}, "latency_slack must be a finite number >= 0"),
+    ({"latency_slack": math.inf}, "latency_slack must be a finite number >= 0"),
+])
+def test_bad_slack(kwargs, message) -> None:
+    problem = PartitionProblem(costs=[1.0, 1.0], fresh=[False, False], preds=[[], [0]], stale_bytes=[0, 1, 0])
+    with pytest.raises(PartitionError, match=message):
+        balance_segments(problem, 2, **kwargs)
+
+
+def test_bad_staleness_table() -> None:
+    with pytest.raises(PartitionError, match=r"staleness must have length 3"):
+        PartitionProblem(costs=[1.0, 1.0], fresh=[False, False], preds=[[], [0]], stale_bytes=[0, 1, 0],
+                         staleness=[0.0, 1.0])
+    with pytest.raises(PartitionError, match=r"staleness\[1\] must be a finite number >= 0, got nan"):
+        PartitionProblem(costs=[1.0, 1.0], fresh=[False, False], preds=[[], [0]], stale_bytes=[0, 1, 0],
+                         staleness=[0.0, math.nan, 0.0])

@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_profile
 
 from asyncdiff_partition.core.files import FileFormatError
+from asyncdiff_partition.core.placement import segment_inputs
 from asyncdiff_partition.core.plan import (
     ASYNCDIFF_SD21_BOUNDARIES,
     Plan,
@@ -30,7 +31,7 @@ def test_balanced_plan_is_contiguous_and_consistent(profile, n):
     graph = profile.op_graph()
     assert plan.boundaries[0] == 0 and plan.boundaries[-1] == len(graph) and len(plan.segments) == n
     assert [(s.start, s.end) for s in plan.segments] == list(zip(plan.boundaries, plan.boundaries[1:]))
-    received = graph.segment_inputs(plan.boundaries)
+    received = segment_inputs(graph, plan.boundaries)
     for segment in plan.segments:
         assert {r["value"]: r["bytes"] for r in segment.receives} == received[segment.index]
         assert all(r["from_segment"] < segment.index for r in segment.receives)
@@ -111,3 +112,29 @@ def test_format_plan_shows_a_row_per_segment(profile):
     assert "predicted ms" in text and "bytes in" in text
     assert len([l for l in text.splitlines() if l[:1].isdigit()]) == 3
     assert "ideal 2.88x" in text
+
+
+def test_the_one_world_size_and_fingerprint_rules(profile):
+    plan = make_plan(profile, 2)
+    plan.check_world_size(2)
+    plan.check_world_size(3, stride=2)
+    with pytest.raises(PlanError, match=r"with stride 1 that needs N \+ stride - 1 = 2 ranks, but this run has 3"):
+        plan.check_world_size(3)
+    with pytest.raises(PlanError, match="stride must be 1 or 2"):
+        plan.check_world_size(2, stride=0)
+    plan.check_fingerprint(profile.fingerprint)
+    specs = [dict(s, shape=[4, *s["shape"][1:]]) for s in profile.inputs]
+    with pytest.raises(PlanError, match=r"but this model is f{16}: the input shapes differ from the profiled ones \("):
+        plan.check_fingerprint("f" * 16, specs=specs)
+    with pytest.raises(PlanError, match=r"it is another model: its graph has 7 nodes"):
+        plan.check_fingerprint("f" * 16, specs=list(profile.inputs), n_nodes=7)
+
+
+def test_segment_rows_read_the_placement(profile):
+    from asyncdiff_partition.core.placement import place
+
+    plan = make_plan(profile, 3)
+    placement = place(profile.op_graph(), plan.boundaries)
+    for row, part in zip(plan.segments, placement.segments):
+        assert [r["value"] for r in row.receives] == list(part.receives)
+        assert all(r["from_segment"] == placement.owner[r["value"]] for r in row.receives)

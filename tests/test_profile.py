@@ -75,7 +75,7 @@ def test_profile_file_round_trips_exactly(tmp_path):
         ('{"kind": "profile", "schema_version": 1, "model": ', "corrupt or truncated"),
         ('{"kind": "plan", "schema_version": 1}', "is not a profile file"),
         ('{"kind": "profile", "schema_version": 99}', "schema_version 99"),
-        ('{"kind": "profile", "schema_version": 1, "model": "x"}', "malformed"),
+        ('{"kind": "profile", "schema_version": 1, "model": "x"}', "fingerprint must be present"),
     ],
 )
 def test_unusable_profile_files_are_clear_errors(tmp_path, content, message):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from asyncdiff_partition.core.files import FileFormatError
-from asyncdiff_partition.runtime.report import format_run, load_report, summarise, write_report, write_trace
+from asyncdiff_partition.runtime.report import format_run, load_report, summarize_steps, write_report, write_trace
 
 
 def rows(rank: int, compute: list[float], wait: float = 1.0, sent: int = 100) -> list[dict]:
@@ -20,7 +20,7 @@ REPORTS = {0: rows(0, [10.0, 4.0, 4.0, 6.0]), 1: rows(1, [0.0, 5.0, 3.0, 3.0], w
 
 
 def test_summary_takes_the_slowest_rank_per_step_and_sums_bytes():
-    s = summarise(REPORTS, warmup=1)
+    s = summarize_steps(REPORTS, warmup=1)
     # step times: max over ranks of compute + wait + comm
     assert [max(10 + 1.5, 0 + 2.5), max(5.5, 7.5), max(5.5, 5.5), max(7.5, 5.5)] == [11.5, 7.5, 5.5, 7.5]
     assert s["ranks"] == 2 and s["steps"] == 4
@@ -34,11 +34,11 @@ def test_summary_takes_the_slowest_rank_per_step_and_sums_bytes():
 
 
 def test_summary_accepts_a_list_indexed_by_rank():
-    assert summarise([REPORTS[0], REPORTS[1]]) == summarise(REPORTS)
+    assert summarize_steps([REPORTS[0], REPORTS[1]]) == summarize_steps(REPORTS)
 
 
 def test_empty_report_summarises_to_nan_and_formats():
-    s = summarise({0: []}, warmup=0)
+    s = summarize_steps({0: []}, warmup=0)
     assert s["steps"] == 0 and math.isnan(s["step_ms"]["median"])
     assert "0 steps on 1 rank(s)" in format_run(s)
 
@@ -83,7 +83,7 @@ def test_trace_is_chrome_trace_event_format(tmp_path):
 
 
 def test_format_run_is_one_line_with_the_parts():
-    line = format_run(summarise(REPORTS, warmup=1), wall_s=1.234)
+    line = format_run(summarize_steps(REPORTS, warmup=1), wall_s=1.234)
     assert "\n" not in line
     assert "4 steps on 2 rank(s)" in line and "warm-up 11.5 ms" in line and "async 7.5 ms" in line
     assert "400 B sent per step" in line and "wall 1.23 s" in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pickle
+import re
 import time
 
 import _dist_worker as worker
@@ -14,13 +15,14 @@ import torch
 import torch.utils._pytree as pytree
 from conftest import tiny_captured
 
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import Plan, PlanError, make_plan
 from asyncdiff_partition.core.schedule import slot_segment
 from asyncdiff_partition.fx.capture import capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.fx.ready import check_plan
 from asyncdiff_partition.fx.split import split_graph
-from asyncdiff_partition.runtime.denoiser import check_plan
 from asyncdiff_partition.runtime.launch import LaunchError, is_launched_externally, launch
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
@@ -69,6 +71,10 @@ def _jobs(world: int) -> list[dict]:
         jobs.append({"key": "chunk", "model": "chunk", "plan": _chunk_model()[1], "cases": CASES[:2]})
         jobs.append({"key": "other model", "model": unet, "plan": _plan(dit, 2, 1), "expect_error": True})
         jobs.append({"key": "wrong world", "model": dit, "plan": _plan(dit, 3, 1), "expect_error": True})
+        other = _plan(dit, 2, 1)
+        other = dataclasses.replace(other, boundaries=[0, other.boundaries[1] + 1, other.boundaries[2]])
+        jobs.append({"key": "ranks disagree", "model": dit, "plan": _plan(dit, 2, 1), "plan_rank1": other,
+                     "expect_error": True})
     return jobs
 
 
@@ -87,7 +93,7 @@ def _captured(model: str):
 @functools.cache
 def _segments(model: str, boundaries: tuple[int, ...]):
     captured = _captured(model)
-    return split_graph(captured, build_op_graph(captured), list(boundaries))
+    return split_graph(captured, place(build_op_graph(captured), list(boundaries)))
 
 
 def _reference(model: str, plan: Plan, case: dict):
@@ -154,6 +160,9 @@ def test_bad_plans_fail_on_every_rank_before_any_compute():
     for out in results.values():
         assert "PlanError" in out["other model"] and "fingerprint" in out["other model"]
         assert "needs N + stride - 1 = 3 ranks, but this run has 2" in out["wrong world"]
+        # rank 1 read another plan: one clear error on every rank, naming both placements, no hang
+        assert out["ranks disagree"].startswith("PlanError: the ranks do not run the same plan: rank 0 has")
+        assert "but rank 1 has" in out["ranks disagree"]
 
 
 def test_check_plan_messages(tmp_path):
@@ -176,17 +185,18 @@ def test_check_plan_messages(tmp_path):
 
 
 def test_fake_tensor_shape_pass_matches_the_real_one(monkeypatch):
-    # models over _REAL_PASS_BYTES of weights get their shapes from fake tensors, without compute
-    from asyncdiff_partition.runtime import denoiser as runtime
+    # models over REAL_PASS_BYTES of weights get their shapes and layouts from fake tensors
+    from asyncdiff_partition.fx import opgraph
+    from asyncdiff_partition.fx.ready import ready_segments
 
     name = MODELS[1]
-    captured = tiny_captured(name)
-    names = [*_segments(name, tuple(_plan(name, 3, 1).boundaries))[2].receives, "output"]
-    real = runtime._value_layouts(captured, names)
-    monkeypatch.setattr(runtime, "_REAL_PASS_BYTES", 0)
+    captured = pickle.loads(_blob(name))  # a copy: the pass writes node.meta
+    real = ready_segments(captured, _plan(name, 3, 1), world_size=3)
+    monkeypatch.setattr(opgraph, "REAL_PASS_BYTES", 0)
     monkeypatch.setattr(torch.fx.Interpreter, "run_node", _no_real_compute(torch.fx.Interpreter.run_node))
-    check_plan(captured, _plan(name, 3, 1), world_size=3)
-    assert runtime._value_layouts(captured, names) == real
+    fake = ready_segments(captured, _plan(name, 3, 1), world_size=3)
+    assert [s.layouts for s in fake] == [s.layouts for s in real]
+    assert real[2].layouts.keys() == {*real[2].receives, "output"} and real[2].receives
 
 
 def _no_real_compute(run_node):
@@ -241,7 +251,9 @@ def test_workers_that_die_before_their_entry_point_fail_fast():
     begin = time.monotonic()
     with pytest.raises(LaunchError) as failure:
         launch(worker.run_jobs, (worker.Unloadable(), [], TIMESTEPS), 2, timeout_s=30)
-    assert str(failure.value).startswith("rank 0 failed: exit code 1"), str(failure.value)
+    # Both ranks die on unpickling; whichever the launcher sees first is named (the other may be
+    # killed by its watchdog first), so the line names rank 0 or rank 1, with the exit code.
+    assert re.match(r"rank [01] failed: exit code 1", str(failure.value)), str(failure.value)
     assert time.monotonic() - begin < 30
 
 
@@ -254,6 +266,7 @@ def test_launch_arguments():
 
 
 def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
+    from asyncdiff_partition.fx.ready import ready_segments
     from asyncdiff_partition.runtime import comm
     from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
     from asyncdiff_partition.runtime.launch import _free_port
@@ -261,8 +274,10 @@ def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
     name = MODELS[1]
     captured = tiny_captured(name)
     plan = make_plan(_profile(name), 1)
+    (segment,) = ready_segments(captured, plan, world_size=1)
+    names, latent = [s.name for s in captured.inputs], captured.latent.name
     with pytest.raises(RuntimeError, match="comm.init"):
-        AsyncDenoiser(captured, plan)
+        AsyncDenoiser(segment, plan, input_names=names, latent=latent)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -270,7 +285,9 @@ def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
     assert is_launched_externally()
     assert comm.init(timeout_s=20) == (0, 1, torch.device("cpu"))
     try:
-        denoiser = AsyncDenoiser(captured, plan, warmup=0)
+        with pytest.raises(PlanError, match="made for model fingerprint"):
+            AsyncDenoiser(dataclasses.replace(segment, fingerprint="0" * 16), plan, input_names=names, latent=latent)
+        denoiser = AsyncDenoiser(segment, plan, warmup=0, input_names=names, latent=latent)
         feed = {spec.name: t for spec, t in zip(captured.inputs, captured.example)}
         with torch.no_grad():
             got = worker.sample(denoiser, feed, captured.latent.name, TIMESTEPS)
@@ -293,3 +310,20 @@ class _Unsplit:
 
     def __call__(self, inputs):
         return self.captured.graph_module(*[inputs[spec.name] for spec in self.captured.inputs])
+
+
+def test_spawned_ranks_of_run_build_no_op_graph_and_split_nothing(tmp_path):
+    """`run` compiles the plan once in the launching process; each rank loads its finished segment."""
+    from conftest import tiny_profile
+
+    from asyncdiff_partition.runtime.job import run_plan
+    from asyncdiff_partition.runtime.report import load_report
+    from asyncdiff_partition.runtime.settings import RunConfig
+
+    plan_path = make_plan(tiny_profile("tiny-dit"), 2, steps=2, warmup=1).save(tmp_path / "plan.json")
+    result = run_plan(RunConfig(model=None, plan=str(plan_path), out_dir=str(tmp_path / "run"), timeout_s=120,
+                                progress=False))
+    meta = load_report(result["report"])["meta"]
+    assert meta["ranks_reported"] == [0, 1] and meta["runtime"] == "torch"
+    assert meta["compiler_counts_per_rank"] == [{"op_graphs": 0, "placements": 0, "splits": 0}] * 2
+    assert meta["launcher_compiler_counts"] == {"op_graphs": 1, "placements": 1, "splits": 1}

@@ -9,8 +9,10 @@ import torch
 from conftest import tiny_captured
 
 from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.schedule import (
     ScheduleError,
+    check_stride,
     decided_ahead,
     exact_mask,
     make_schedule,
@@ -227,7 +229,7 @@ def _model():
     stale = [i for i, n in enumerate(graph.order) if graph.node(n)["kind"] == "op" and not graph.fresh[i]]
     n = len(graph)
     splits = {1: [0, n], 2: [0, stale[len(stale) // 2], n], 3: [0, stale[len(stale) // 3], stale[2 * len(stale) // 3], n]}
-    return captured, {k: split_graph(captured, graph, b) for k, b in splits.items()}
+    return captured, {k: split_graph(captured, place(graph, b)) for k, b in splits.items()}
 
 
 def _ddim_loop(denoise):
@@ -387,3 +389,13 @@ def test_an_all_exact_mask_on_a_real_model_is_the_unsplit_model(stride):
                               phases={"kind": "fixed", "async_steps": [0, 0]})
     _close(_ddim_loop(exact), _ddim_loop(_unsplit))
     assert {r["mode"] for r in exact.policy.record()} == {"exact"}
+
+
+def test_the_one_stride_rule_and_world_size():
+    assert [check_stride(1), check_stride(2)] == [1, 2]
+    assert [n_slots(3, 1), n_slots(3, 2)] == [3, 4]
+    for bad in (0, 3, True, 1.5):
+        with pytest.raises(ScheduleError, match=f"stride must be 1 or 2 .*got {bad!r}"):
+            check_stride(bad)
+    with pytest.raises(ScheduleError, match="stride must be 1 or 2"):
+        n_slots(2, 3)

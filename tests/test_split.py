@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_captured
 
 from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.placement import PlacementError, place, segment_inputs, segment_of
 from asyncdiff_partition.fx.capture import MODULE_KEY, capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.split import SplitError, run_segments, split_graph
@@ -29,7 +30,7 @@ def _setup(name):
 @functools.cache
 def _split(name, boundaries):
     captured, graph, _ = _setup(name)
-    return split_graph(captured, graph, list(boundaries))
+    return split_graph(captured, place(graph, list(boundaries)))
 
 
 def _boundary_sets(graph, stale):
@@ -89,13 +90,13 @@ def test_each_segment_holds_exactly_the_weights_its_nodes_use(name):
     every = _resident(gm)
     for boundaries in _boundary_sets(graph, stale):
         segments = _split(name, boundaries)
-        segment_of = graph.segment_of(boundaries)
+        owner = segment_of(graph, boundaries)
         fresh = graph.fresh
         union: set[int] = set()
         for seg in segments:
             # computed by the segment, worked out from the original graph: its stale ops by
             # position plus the fresh ops it recomputes
-            own = [n for i, n in enumerate(graph.order) if segment_of[i] == seg.index and not fresh[i]]
+            own = [n for i, n in enumerate(graph.order) if owner[i] == seg.index and not fresh[i]]
             targets = {a.target for n in own + seg.replicated for a in nodes[n].all_input_nodes if a.op == "get_attr"}
             needed = {id(_get(gm, t)): t for t in targets}
             resident = _resident(seg.module)
@@ -127,8 +128,8 @@ def test_receives_and_sends_agree_with_segment_inputs_and_fresh_values_are_never
     captured, graph, stale = _setup(name)
     for boundaries in _boundary_sets(graph, stale):
         segments = _split(name, boundaries)
-        segment_of = graph.segment_of(boundaries)
-        expected = graph.segment_inputs(boundaries)
+        owner = segment_of(graph, boundaries)
+        expected = segment_inputs(graph, boundaries)
         for seg in segments:
             assert set(seg.receives) == set(expected[seg.index])
             assert not any(graph.node(r)["fresh"] for r in seg.receives)
@@ -137,7 +138,7 @@ def test_receives_and_sends_agree_with_segment_inputs_and_fresh_values_are_never
             # sent once by its producer: exactly the values some later segment receives
             sends = [o for o in seg.outputs if o != OUTPUT]
             later = [r for other in segments[seg.index + 1:] for r in other.receives]
-            wanted = {r for r in later if segment_of[graph.index[r]] == seg.index}
+            wanted = {r for r in later if owner[graph.index[r]] == seg.index}
             assert sorted(sends, key=graph.index.get) == sends and set(sends) == wanted
             assert (OUTPUT in seg.outputs) == (seg is segments[-1])
         if boundaries[-2] == len(graph) - 1:  # the last segment only hands on the model output
@@ -167,7 +168,7 @@ def test_call_module_graph_replicates_fresh_submodule_and_sends_the_skip_once():
     graph = build_op_graph(captured)
     # x, t, emb, a, add, b, add_1, c, add_2, output:  [a] | [add, b] | [add_1, c, add_2]
     boundaries = [0, graph.index["add"], graph.index["add_1"], len(graph)]
-    segments = split_graph(captured, graph, boundaries)
+    segments = split_graph(captured, place(graph, boundaries))
     with torch.no_grad():
         torch.testing.assert_close(run_segments(segments, {"x": x, "t": t}), model(x, t), atol=0, rtol=0)
     assert [s.inputs for s in segments] == [["x"], ["t"], ["t"]]
@@ -178,7 +179,7 @@ def test_call_module_graph_replicates_fresh_submodule_and_sends_the_skip_once():
     assert segments[1].module.emb is model.emb and segments[2].module.emb is model.emb
 
 
-def test_bad_boundaries_raise_split_error():
+def test_bad_boundaries_raise_placement_error_and_a_foreign_placement_a_split_error():
     captured, graph, stale = _setup("tiny-dit")
     n = len(graph)
     cases = {
@@ -188,17 +189,17 @@ def test_bad_boundaries_raise_split_error():
         "integers": [0, 10.0, n],
     }
     for message, boundaries in cases.items():
-        with pytest.raises(SplitError, match=message):
-            split_graph(captured, graph, boundaries)
+        with pytest.raises(PlacementError, match=message):
+            place(graph, boundaries)
     # segment 0 before the first stale op: only constants, inputs (the latent too) and fresh ops
-    with pytest.raises(SplitError, match="segment 0 .* holds no stale op"):
-        split_graph(captured, graph, [0, stale[0], n])
+    with pytest.raises(PlacementError, match="segment 0 .* holds no stale op"):
+        place(graph, [0, stale[0], n])
     # a middle segment of one fresh op
     fresh = graph.fresh
     fresh_op = next(i for i in range(stale[0], n) if fresh[i] and graph.node(i)["kind"] == "op")
-    with pytest.raises(SplitError, match="segment 1 .* holds no stale op"):
-        split_graph(captured, graph, [0, fresh_op, fresh_op + 1, n])
+    with pytest.raises(PlacementError, match="segment 1 .* holds no stale op"):
+        place(graph, [0, fresh_op, fresh_op + 1, n])
     other = build_op_graph(tiny_captured("tiny-unet2d-condition"))
     with pytest.raises(SplitError, match="does not match"):
-        split_graph(captured, other, [0, n])
-    assert isinstance(SplitError("x"), ValueError)
+        split_graph(captured, place(other, [0, len(other)]))
+    assert isinstance(SplitError("x"), ValueError) and isinstance(PlacementError("x"), ValueError)

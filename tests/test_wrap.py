@@ -12,6 +12,7 @@ from conftest import tiny_captured, tiny_profile
 from PIL import Image
 
 from asyncdiff_partition.cli.main import main
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import make_plan, module_boundaries
 from asyncdiff_partition.fx.capture import capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
@@ -24,9 +25,9 @@ from asyncdiff_partition.pipelines.wrap import (
     unwrap_pipeline,
     wrap_pipeline,
 )
-from asyncdiff_partition.runtime.job import RunConfig, plan_input_shapes
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
 from asyncdiff_partition.runtime.report import load_report
+from asyncdiff_partition.runtime.settings import RunConfig, plan_input_shapes
 
 STEPS = 3
 CUT = {"tiny-unet2d-condition": "up_blocks.1", "tiny-dit": "transformer_blocks.3", "tiny-unet2d": "up_blocks.1"}
@@ -35,7 +36,7 @@ CUT = {"tiny-unet2d-condition": "up_blocks.1", "tiny-dit": "transformer_blocks.3
 def segments_of(name: str):
     captured = tiny_captured(name)
     graph = build_op_graph(captured)
-    return captured, split_graph(captured, graph, [0, *module_boundaries(graph, [CUT[name]]), len(graph)])
+    return captured, split_graph(captured, place(graph, [0, *module_boundaries(graph, [CUT[name]]), len(graph)]))
 
 
 class Counting:
@@ -163,7 +164,7 @@ def test_denoise_runs_a_custom_model_like_a_plain_loop():
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([999, 999]), torch.randn(2, 5, 6)
     captured = capture_model(net, (x, t, ctx), latent="x")
     graph = build_op_graph(captured)
-    segments = split_graph(captured, graph, [0, len(graph) // 2, len(graph)])
+    segments = split_graph(captured, place(graph, [0, len(graph) // 2, len(graph)]))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(4)
     latents = torch.randn(1, 4, 8, 8)
@@ -274,7 +275,7 @@ def _reference_image(captured, plan_path) -> np.ndarray:
     from asyncdiff_partition.core.plan import Plan
 
     built = build_pipeline("tiny-unet2d-condition", seed=0)
-    segments = split_graph(captured, build_op_graph(captured), Plan.load(plan_path).boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), Plan.load(plan_path).boundaries))
     wrap_pipeline(built.pipe, ReferenceSchedule(segments, warmup=1), captured)
     (expected,) = built(steps=STEPS, guidance_scale=5.0)
     return np.asarray(expected, dtype=np.int16)

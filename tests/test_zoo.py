@@ -9,14 +9,17 @@ import os
 import pytest
 import torch
 
+from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.pipelines.zoo import (
     DEFAULT_MODEL,
     FULL_MODELS,
     TINY_MODELS,
     TRAINED_MODELS,
+    ModelFolderError,
     ModelInputs,
     UnknownModelError,
     build_model,
+    check_sample_size,
     example_inputs,
     list_models,
     load_model,
@@ -132,8 +135,19 @@ def test_class_conditional_unet2d() -> None:
 
 
 def test_unsupported_class_says_how_to_capture() -> None:
-    with pytest.raises(TypeError, match=r"UNet2DConditionModel.*capture_model\(model, args, kwargs\)"):
+    with pytest.raises(TypeError, match=r"Linear.*capture_model\(model, args, kwargs\)"):
         example_inputs(torch.nn.Linear(2, 2))
+
+
+def test_check_sample_size_names_the_factor_and_neighbours() -> None:
+    unet = build_model("tiny-unet2d-condition")  # four levels: a multiple of 8
+    check_sample_size(unet, 24)
+    with pytest.raises(ConfigError, match=r"multiple of 8; try 8 or 16"):
+        check_sample_size(unet, 10)
+    with pytest.raises(ConfigError, match="must be positive"):
+        check_sample_size(unet, 0)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        check_sample_size(build_model("tiny-dit"), 15)  # patch size 2
 
 
 # --- load_model -------------------------------------------------------------------------
@@ -185,37 +199,37 @@ def test_unknown_name() -> None:
 
 def test_missing_directory(tmp_path) -> None:
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="does not exist") as info:
+    with pytest.raises(ModelFolderError, match="does not exist") as info:
         load_model(missing)
     assert not isinstance(info.value, UnknownModelError)
     assert missing in str(info.value)
     # A hub id looks like a path and is never downloaded.
-    with pytest.raises(ValueError, match="not downloaded"):
+    with pytest.raises(ModelFolderError, match="not downloaded"):
         load_model("stabilityai/stable-diffusion-2-1-base")
 
 
 def test_directory_with_neither_config(tmp_path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"neither config\.json nor model_index\.json"):
+    with pytest.raises(ModelFolderError, match=r"neither config\.json nor model_index\.json"):
         load_model(str(tmp_path))
 
 
 def test_pipeline_without_denoiser(tmp_path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "SomePipeline"}))
     (tmp_path / "vae").mkdir()
-    with pytest.raises(ValueError, match=r"no unet/ or transformer/"):
+    with pytest.raises(ModelFolderError, match=r"no unet/ or transformer/"):
         load_model(str(tmp_path))
 
 
 def test_config_of_a_non_model(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "DDIMScheduler"}))
-    with pytest.raises(ValueError, match="not a diffusers model class"):
+    with pytest.raises(ModelFolderError, match="not a diffusers model class"):
         load_model(str(tmp_path))
 
 
 def test_path_to_a_file(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(ModelFolderError, match="is a file"):
         load_model(str(tmp_path / "config.json"))
 
 

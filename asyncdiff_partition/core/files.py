@@ -1,4 +1,4 @@
-"""Atomic, versioned JSON files: the format shared by profiles, plans and run reports."""
+"""Atomic file writes, and the versioned JSON format shared by profiles, plans and run reports."""
 
 from __future__ import annotations
 
@@ -10,28 +10,34 @@ from typing import Any
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 
-__all__ = ["FileFormatError", "read_json", "write_json_atomic"]
+__all__ = ["FileFormatError", "read_json", "write_atomic", "write_json_atomic"]
 
 
 class FileFormatError(AsyncDiffError, ValueError):
     """A saved file is missing, corrupt, truncated, of another kind or of an unknown version."""
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
-    """Write ``data`` as JSON (stable key order) through a temp file and a rename.
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temp file in the same folder and a rename.
 
-    A crash or a full disk leaves the old file (or none), never half a file.
+    A crash or a full disk leaves the old file (or none), never half a file. The folder is
+    created if missing; the file gets the usual permissions (0666 less the umask). Every file
+    this library writes goes through here.
+
+    Example::
+
+        write_atomic("out/fidelity.md", markdown)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n"
+    payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file reads like any other
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file reads like any other
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -41,13 +47,19 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Pat
     return path
 
 
-def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int, fix: str) -> dict[str, Any]:
+def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` as JSON (stable key order, one key per line) with :func:`write_atomic`."""
+    return write_atomic(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int | tuple[int, ...],
+              fix: str) -> dict[str, Any]:
     """Read a file written by :func:`write_json_atomic` and check its kind and version.
 
     Args:
         path: the file.
         kind: the expected value of the file's ``kind`` field ("profile", "plan", ...).
-        schema_version: the version this code reads.
+        schema_version: the version this code reads (or a tuple of the versions it reads).
         fix: what the user should do when the file is unusable (e.g. the command that remakes it).
 
     Raises:
@@ -64,9 +76,10 @@ def read_json(path: str | os.PathLike[str], *, kind: str, schema_version: int, f
         found = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise FileFormatError(f"{str(path)!r} is not a {kind} file (kind: {found!r}); {fix}")
     version = data.get("schema_version")
-    if version != schema_version:
+    readable = schema_version if isinstance(schema_version, tuple) else (schema_version,)
+    if version not in readable or isinstance(version, bool):
         raise FileFormatError(
             f"{kind} file {str(path)!r} has schema_version {version!r}; this version of "
-            f"asyncdiff-partition reads {schema_version}; {fix}"
+            f"asyncdiff-partition reads {' or '.join(map(str, readable))}; {fix}"
         )
     return data

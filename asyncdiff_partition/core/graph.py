@@ -32,6 +32,7 @@ from typing import Any
 
 import networkx as nx
 
+from asyncdiff_partition.core import counters
 from asyncdiff_partition.core.errors import AsyncDiffError
 
 __all__ = ["NODE_KINDS", "OUTPUT", "Crossing", "CutTable", "GraphError", "OpGraph"]
@@ -120,6 +121,7 @@ class OpGraph:
             graph.add_edge(producer, consumer)
         result = cls(graph, order)
         result._mark_fresh()
+        counters.count("op_graphs")
         return result
 
     # --- per-node facts ---------------------------------------------------------------------
@@ -129,7 +131,8 @@ class OpGraph:
 
     def node(self, name_or_index: str | int) -> dict[str, Any]:
         name = self.order[name_or_index] if isinstance(name_or_index, int) else name_or_index
-        return self.nx.nodes[name]
+        attributes: dict[str, Any] = self.nx.nodes[name]
+        return attributes
 
     def preds(self, index: int) -> list[int]:
         return sorted(self.index[p] for p in self.nx.predecessors(self.order[index]))
@@ -206,38 +209,12 @@ class OpGraph:
             category = self._category(name)
             if category and any(self.index[c] >= boundary for c in self.nx.successors(name)):
                 found[category].append(name)
-        size = lambda names: sum(self.nx.nodes[n]["out_bytes"] for n in names)  # noqa: E731
+
+        def size(names: list[str]) -> int:
+            return sum(int(self.nx.nodes[n]["out_bytes"]) for n in names)
+
         return Crossing(boundary, tuple(found["stale"]), size(found["stale"]), tuple(found["fresh"]), size(found["fresh"]))
 
-    def segment_inputs(self, boundaries: Sequence[int]) -> list[dict[str, int]]:
-        """Per segment, the stale values it consumes from earlier segments: {producer: bytes}.
-
-        ``boundaries`` are ``N+1`` increasing positions from 0 to n. Unlike a single cut, this
-        counts only what each segment really consumes (point-to-point transfers).
-        """
-        self._check_boundaries(boundaries)
-        segment_of = self.segment_of(boundaries)
-        received: list[dict[str, int]] = [{} for _ in range(len(boundaries) - 1)]
-        for producer, consumer in self.nx.edges:
-            if self._category(producer) != "stale":
-                continue
-            p, c = segment_of[self.index[producer]], segment_of[self.index[consumer]]
-            if c != p:
-                received[c][producer] = self.nx.nodes[producer]["out_bytes"]
-        return received
-
-    def segment_of(self, boundaries: Sequence[int]) -> list[int]:
-        """Segment index of every position for the given boundaries."""
-        self._check_boundaries(boundaries)
-        out: list[int] = []
-        for k in range(len(boundaries) - 1):
-            out.extend([k] * (boundaries[k + 1] - boundaries[k]))
-        return out
-
-    def _check_boundaries(self, boundaries: Sequence[int]) -> None:
-        b = list(boundaries)
-        if len(b) < 2 or b[0] != 0 or b[-1] != len(self.order) or any(x >= y for x, y in zip(b, b[1:])):
-            raise GraphError(f"boundaries must rise strictly from 0 to {len(self.order)}; got {b}")
 
     def cheapest_cuts(self, count: int = 5, *, margin: float = 0.1) -> list[Crossing]:
         """Boundaries with the fewest stale bytes, away from the ends of the order, one per module.

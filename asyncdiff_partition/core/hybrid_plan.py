@@ -24,13 +24,16 @@ tie (within 1 %) going to fewer stale hops.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from asyncdiff_partition.core.plan import Plan, PlanError, ideal_speedup, make_plan
+from asyncdiff_partition.core.phases import PhaseError, check_phases
+from asyncdiff_partition.core.plan import Plan, PlanError, format_plan, ideal_speedup, make_plan
+from asyncdiff_partition.core.profile import Profile
 from asyncdiff_partition.core.schedule import exact_mask, world_size
 
-__all__ = ["Candidate", "HybridChoice", "format_candidates", "make_hybrid_plan"]
+__all__ = ["Candidate", "HybridChoice", "format_candidates", "make_hybrid_plan", "plan_hybrid_file"]
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -200,3 +203,25 @@ def format_candidates(choice: HybridChoice) -> str:
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join([*lines, f"why: {choice.why}"])
+
+
+def plan_hybrid_file(profile_path: str, devices: int, *, sliced_path: str | None, batch_parallel: int | None,
+                max_stale_hops: int, phases_json: str | None, warmup: int, steps: int,
+                bandwidth_gbps: float | None, out_path: str) -> str:
+    """The CLI's ``plan`` with batch groups: cost every D = B x (N + S - 1), save the winner; returns the printout.
+
+    Raises:
+        PhaseError: ``phases_json`` is not JSON or not a switching policy.
+    """
+    try:
+        phases = check_phases(json.loads(phases_json)) if phases_json else None
+    except json.JSONDecodeError as error:
+        raise PhaseError(f"--phases must be JSON, e.g. '{{\"kind\": \"adaptive\", \"threshold\": 0.3}}' ({error})") from None
+    choice = make_hybrid_plan(Profile.load(profile_path), devices,
+                              sliced=Profile.load(sliced_path) if sliced_path else None, batch_parallel=batch_parallel,
+                              steps=steps, warmup=warmup, phases=phases, max_stale_hops=max_stale_hops,
+                              bandwidth_gbps=bandwidth_gbps, profile_path=profile_path, sliced_path=sliced_path or "")
+    choice.plan.save(out_path)
+    w = choice.winner
+    title = f"{choice.plan.model}: {devices} device(s) as B={w.batch_parallel} group(s) x N={w.n_devices} S={w.stride}"
+    return "\n".join([format_candidates(choice), "", format_plan(choice.plan, title=title), f"wrote {out_path}"])

@@ -64,6 +64,24 @@
 #    starts per segment: O(N (G + 1) w log m) for w starts, after O(n + G m log G) set-up.
 # A probe accepts a segment when its time is <= L * (1 + _PROBE_SLACK) plus a few ulps of
 # the total cost, so that the bound an evaluated partition reports is always found again.
+#
+# Note [staleness objective]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A cut's fidelity cost is not its bytes: it is how fast the values crossing it change from
+# one step to the next (they arrive one step late; DESIGN.md "The asynchronous schedule").
+# staleness[b] >= 0 (b = 0..n, from the caller; fx/staleness.py measures it) is that cost at
+# boundary b, and a partition's staleness is the sum over its inner boundaries. With
+# latency_slack = x > 0 the solver first finds the optimal bottleneck L* exactly (above), then
+# returns, among the splits whose every segment time is <= L* (1 + x) (and within the memory
+# caps), one with the least staleness; ties go to the lexicographically smallest cuts. With
+# x = 0 (the default) the result is exactly the latency-optimal split above. Inside a run of
+# fresh nodes a boundary sits where Note [cost model] puts it (fewest stale bytes), and the
+# staleness counted is that position's.
+#   Exact search: segment k from cut a may end anywhere in (a, R_k(a)] (step 1 above, with
+# the bound L* (1 + x)), so with D_N(m) = 0 and
+#     D_k(a) = staleness at a (0 for k = 0) + min over e in (a, R_k(a)] of D_k+1(e)
+# D_0(0) is the least staleness; one range-minimum table (sparse table, leftmost minimum) per
+# segment makes it O(N m log m).
 
 from __future__ import annotations
 
@@ -112,6 +130,8 @@ class PartitionProblem:
             A fresh node may only have fresh predecessors.
         stale_bytes: length n + 1; bytes that cross boundary b, for b = 0..n.
         param_bytes: parameter bytes of each node (default all 0).
+        staleness: length n + 1 or None; fidelity cost of cutting at boundary b, for
+            b = 0..n (Note [staleness objective]). Used only with a latency slack.
 
     Raises:
         PartitionError: on a wrong length, a negative or non-finite number, a predecessor
@@ -123,6 +143,7 @@ class PartitionProblem:
     preds: Sequence[Sequence[int]]
     stale_bytes: Sequence[int]
     param_bytes: Sequence[int] | None = None
+    staleness: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.costs)
@@ -131,9 +152,10 @@ class PartitionProblem:
             ("preds", self.preds, n),
             ("stale_bytes", self.stale_bytes, n + 1),
             ("param_bytes", self.param_bytes, n),
+            ("staleness", self.staleness, n + 1),
         ):
             if seq is not None and len(seq) != want:
-                extra = " (one entry per boundary 0..n)" if name == "stale_bytes" else ""
+                extra = " (one entry per boundary 0..n)" if name in ("stale_bytes", "staleness") else ""
                 raise PartitionError(
                     f"{name} must have length {want}{extra} for {n} costs, got {len(seq)}; "
                     f"give one entry per node in the same topological order"
@@ -163,6 +185,9 @@ class PartitionProblem:
         object.__setattr__(self, "preds", tuple(preds))
         object.__setattr__(self, "stale_bytes", stale)
         object.__setattr__(self, "param_bytes", params)
+        if self.staleness is not None:
+            object.__setattr__(self, "staleness", tuple(
+                _finite_nonneg("staleness", b, v, "a relative change between steps") for b, v in enumerate(self.staleness)))
 
     @property
     def n_nodes(self) -> int:
@@ -185,6 +210,7 @@ class Partition:
         transfer: transfer_k in ms (0 for segment 0).
         times: compute_k / speed_k + transfer_k.
         param_bytes: parameter bytes each segment holds.
+        staleness: sum of the problem's staleness at the inner boundaries (0.0 without it).
     """
 
     boundaries: tuple[int, ...]
@@ -194,6 +220,7 @@ class Partition:
     transfer: tuple[float, ...]
     times: tuple[float, ...]
     param_bytes: tuple[int, ...]
+    staleness: float = 0.0
 
     @property
     def bottleneck(self) -> float:
@@ -215,11 +242,14 @@ def balance_segments(
     bandwidth: float | None = None,
     link_latency_ms: float = 0.0,
     memory_caps: Sequence[int | None] | None = None,
+    latency_slack: float = 0.0,
 ) -> Partition:
     """Split ``problem`` into ``n_segments`` segments with the smallest bottleneck time.
 
     Exact under Note [cost model]; the algorithm is in Note [exact search]. Ties are broken
-    as that note says, so the result is deterministic.
+    as that note says, so the result is deterministic. With ``latency_slack`` > 0 and the
+    problem's ``staleness``, the least stale split within that slack of the optimal
+    bottleneck is returned instead (Note [staleness objective]).
 
     Example:
         >>> p = PartitionProblem(costs=[1.0, 1.0, 1.0, 1.0], fresh=[False] * 4,
@@ -234,6 +264,8 @@ def balance_segments(
         bandwidth: link bandwidth in bytes per ms; None or inf for free transfers.
         link_latency_ms: fixed cost of every transfer, >= 0.
         memory_caps: parameter byte cap of each device (length N; None entries: no cap).
+        latency_slack: x >= 0; allow a bottleneck up to (1 + x) times the optimum to cut
+            where the problem's staleness is least (0: the latency-optimal split).
 
     Returns:
         The optimal Partition, costed exactly as ``evaluate_boundaries`` costs it.
@@ -245,6 +277,9 @@ def balance_segments(
     spd = _speeds(speeds, n_seg)
     _link(bandwidth, link_latency_ms)
     caps = _memory_caps(memory_caps, n_seg)
+    if not isinstance(latency_slack, Real) or not 0 <= latency_slack < math.inf:
+        raise PartitionError(f"latency_slack must be a finite number >= 0 (0.03 = 3 % over the optimal "
+                             f"bottleneck), got {latency_slack!r}")
     st = _Structure(problem)
     transfer = st.transfer_by_cut(bandwidth, link_latency_ms)
     search = _Search(st, spd, transfer, caps)
@@ -257,6 +292,9 @@ def balance_segments(
             f"inputs); raise the caps, use more segments, or set a cap to None"
         )
     cuts = search.solve()
+    if latency_slack > 0 and problem.staleness is not None and n_seg > 1:
+        at_cut = np.array([problem.staleness[int(b)] for b in st.best_boundary], np.float64)
+        cuts = search.least_stale(search.bottleneck(cuts) * (1 + latency_slack), at_cut)
     return _evaluate(problem, st, st.boundaries_of(cuts), spd, bandwidth, link_latency_ms)
 
 
@@ -402,7 +440,7 @@ class _Structure:
         """Largest e in [a, m] with e == a or C(a, e) <= budget (M(a, e) if ``bytes_``)."""
         prefix = self.byte_prefix if bytes_ else self.cost_prefix
         steps = self.byte_steps if bytes_ else self.cost_steps
-        best = a.copy()
+        best: IntArray = a.copy()
         alive = np.arange(len(a))  # indices into a that may still grow
         limit, lower = prefix[a] + budget, a
         for j in range(len(steps) + 1):
@@ -520,6 +558,54 @@ class _Search:
         final = self.probe(hi)  # smallest cuts among the ties of Note [cost model]
         return final if final is not None else best
 
+    def least_stale(self, bound: float, at_cut: FloatArray) -> list[int]:
+        """Cuts of least total ``at_cut`` with every segment time <= bound (Note [staleness objective])."""
+        st, n_seg = self.st, len(self.speeds)
+        relaxed = bound * (1 + _PROBE_SLACK)
+        best = np.full(st.m + 1, math.inf)  # D_N
+        best[st.m] = 0.0
+        choices: list[dict[int, int]] = []
+        for k in reversed(range(n_seg)):
+            a = self.starts(k, bound)
+            pay = self.transfer[a] if k > 0 else np.zeros(len(a))
+            end = st.max_end(a, self.speeds[k] * (relaxed - pay) + self.tol)
+            mem = self.mem_end[k]
+            if mem is not None:
+                end = np.minimum(end, mem[a])
+            ok = end > a
+            a, end = a[ok], end[ok]
+            arg = _range_argmin(best, a + 1, end)
+            value = best[arg] + (at_cut[a] if k > 0 else 0.0)
+            best = np.full(st.m + 1, math.inf)
+            best[a] = value
+            choices.append(dict(zip(a.tolist(), arg.tolist())))
+        if not math.isfinite(best[0]):
+            raise AssertionError("the latency-optimal split is not within its own bound: a partition.py bug")
+        cuts = [0]
+        for step in reversed(choices):
+            cuts.append(step[cuts[-1]])
+        return cuts
+
+
+def _range_argmin(values: FloatArray, lo: IntArray, hi: IntArray) -> IntArray:
+    """Per i, the leftmost index of the least ``values`` in [lo[i], hi[i]] (a sparse table)."""
+    table = [np.arange(len(values))]
+    while 2 ** len(table) <= len(values):
+        prev, half = table[-1], 2 ** (len(table) - 1)
+        left, right = prev[:-half], prev[half:]
+        table.append(np.where(values[right] < values[left], right, left))
+    out = np.empty(len(lo), np.int64)
+    if len(lo) == 0:
+        return out
+    level = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+    for j in np.unique(level):
+        pick = level == j
+        left = table[j][lo[pick]]
+        right = table[j][hi[pick] - 2**j + 1]
+        vl, vr = values[left], values[right]
+        out[pick] = np.where(vr < vl, right, np.where(vl < vr, left, np.minimum(left, right)))
+    return out
+
 
 def _evaluate(
     problem: PartitionProblem,
@@ -555,6 +641,7 @@ def _evaluate(
         transfer=tuple(transfer),
         times=tuple(times),
         param_bytes=tuple(nbytes),
+        staleness=0.0 if problem.staleness is None else math.fsum(problem.staleness[b] for b in boundaries[1:-1]),
     )
 
 
@@ -576,13 +663,13 @@ def _accurate_cumsum(values: FloatArray) -> FloatArray:
     return out
 
 
-def _finite_nonneg(name: str, i: int, value: object) -> float:
+def _finite_nonneg(name: str, i: int, value: object, what: str = "a measured time in ms") -> float:
     # 0 <= v < inf also rejects NaN; the exact type test is only a fast path.
     if (type(value) in (float, int) or isinstance(value, Real)) and 0 <= value < math.inf:  # type: ignore[operator]
         return float(value)  # type: ignore[arg-type]
     raise PartitionError(
-        f"{name}[{i}] must be a finite number >= 0, got {value!r}; costs are measured "
-        f"times in ms (clamp measurement noise below zero to 0)"
+        f"{name}[{i}] must be a finite number >= 0, got {value!r}; each is {what} "
+        f"(clamp measurement noise below zero to 0)"
     )
 
 

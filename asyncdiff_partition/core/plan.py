@@ -9,16 +9,28 @@ Example::
 
 A plan is computed from a profile alone (no torch): the op graph and costs come from the
 profile, the cut from :mod:`asyncdiff_partition.core.partition`.
+
+Plan file fields for the cut's objective (optional; a file without them is a latency plan):
+
+    objective   {"kind": "latency" | "staleness", "latency_slack": x}. "latency": the exact
+                min-max split (or a hand split). "staleness": among splits whose bottleneck is
+                within (1 + x) of the optimum, the one with least summed staleness
+                (partition.py, Note [staleness objective]). A later field (e.g. the batch-parallel
+                degree) sits beside it, not inside it.
+    staleness   None, or one float per cut (N - 1): the profile's staleness at each inner
+                boundary (:meth:`~asyncdiff_partition.core.profile.Profile.cut_staleness`); the
+                summed value is ``predicted["staleness"]``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import PlanError
 from asyncdiff_partition.core.files import read_json, write_json_atomic
 from asyncdiff_partition.core.graph import OpGraph
 from asyncdiff_partition.core.partition import (
@@ -28,6 +40,9 @@ from asyncdiff_partition.core.partition import (
     balance_segments,
     evaluate_boundaries,
 )
+from asyncdiff_partition.core.placement import place
+from asyncdiff_partition.core.schedule import ScheduleError, check_stride, n_slots
+from asyncdiff_partition.core.schedule import world_size as schedule_world_size
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -51,10 +66,6 @@ ASYNCDIFF_SD21_BOUNDARIES: dict[int, tuple[str, ...]] = {
     3: ("mid_block", "up_blocks.3"),
     4: ("down_blocks.2", "up_blocks.2", "up_blocks.3.attentions.0"),
 }
-
-
-class PlanError(AsyncDiffError, ValueError):
-    """A plan that cannot be made, or a plan file that does not fit."""
 
 
 @dataclass
@@ -104,7 +115,9 @@ class Plan:
     segments: list[SegmentPlan]
     predicted: dict[str, float]
     batch_parallel: int = 1  # B batch groups of N + S - 1 ranks each (core.hybrid_plan)
-    phases: dict[str, Any] | None = None  # the switching policy (runtime.policy); None: the warm-up
+    phases: dict[str, Any] | None = None  # the switching policy (core.phases, runtime.policy); None: the warm-up
+    objective: dict[str, Any] = field(default_factory=lambda: {"kind": "latency", "latency_slack": 0.0})
+    staleness: list[float] | None = None
     schema_version: int = SCHEMA_VERSION
     kind: str = field(default="plan", repr=False)
 
@@ -119,7 +132,7 @@ class Plan:
     @property
     def broadcast_bytes_per_step(self) -> int:
         """AsyncDiff-style traffic: every value a segment hands on goes to all N - 1 other ranks."""
-        produced = {r["value"]: r["bytes"] for segment in self.segments for r in segment.receives}
+        produced = {r["value"]: int(r["bytes"]) for segment in self.segments for r in segment.receives}
         return sum(produced.values()) * (self.n_devices - 1)
 
     def save(self, path: str | Path) -> Path:
@@ -131,24 +144,98 @@ class Plan:
 
         Raises:
             FileFormatError: missing, corrupt, truncated, not a plan, unknown version.
-            PlanError: malformed content, or made for another model.
+            PlanError: a field breaks a rule of :mod:`~asyncdiff_partition.core.validation` (the
+                message names the file and the field), or the plan was made for another model.
         """
+        from dataclasses import MISSING, fields
+
+        from asyncdiff_partition.core.validation import FieldError, validate_plan
+
         data = read_json(path, kind="plan", schema_version=SCHEMA_VERSION, fix=_REMAKE)
+        own = fields(cls)
         try:
-            data["segments"] = [SegmentPlan(**s) for s in data["segments"]]
-            plan = cls(**data)
-        except (TypeError, KeyError) as error:
-            raise PlanError(f"plan file {str(path)!r} is malformed ({error}); {_REMAKE}") from None
+            validate_plan(data, path, fields=[f.name for f in own], segment_fields=[f.name for f in fields(SegmentPlan)],
+                          required=[f.name for f in own if f.default is MISSING and f.default_factory is MISSING],
+                          fix=_REMAKE)
+        except FieldError as error:
+            raise PlanError(str(error)) from None
+        data["segments"] = [SegmentPlan(**s) for s in data["segments"]]
+        plan = cls(**data)
         if fingerprint is not None:
             plan.check_model(fingerprint)
         return plan
 
     def check_model(self, fingerprint: str) -> None:
-        if fingerprint != self.fingerprint:
+        """Refuse another model (the short form of :meth:`check_fingerprint`)."""
+        self.check_fingerprint(fingerprint)
+
+    def check_fingerprint(self, found: str, *, specs: Sequence[dict[str, Any]] | None = None,
+                          n_nodes: int | None = None, where: str = "this model") -> None:
+        """The one fingerprint rule: the model run now must be the one the plan was made for.
+
+        Args:
+            found: the fingerprint of the model at hand (op graph and input specs, as
+                :func:`~asyncdiff_partition.core.profile.fingerprint` computes it).
+            specs: its input specs (name, shape, dtype, latent); with them the message says
+                which shapes differ from the profiled ones.
+            n_nodes: its op-graph size; with it the message tells another model apart.
+            where: how the message names the model at hand.
+
+        Raises:
+            PlanError: the fingerprints differ.
+        """
+        if found == self.fingerprint:
+            return
+        hint = f": {_mismatch_hint(self, specs, n_nodes)}" if specs is not None or n_nodes is not None else ""
+        raise PlanError(
+            f"plan was made for model fingerprint {self.fingerprint} ({self.model}) but {where} is {found}{hint}; "
+            f"re-run 'asyncdiff-partition profile' and 'plan' for this model and these shapes"
+        )
+
+    def check_world_size(self, world_size: int, stride: int | None = None, *,
+                         batch_parallel: int | None = None) -> None:
+        """The world-size rule of :func:`~asyncdiff_partition.core.schedule.world_size`: B x (N + stride - 1)
+        ranks (stride and B default the plan's; ``batch_parallel=1`` checks one batch group).
+
+        Raises:
+            PlanError: another number of ranks, or a stride other than 1 or 2.
+        """
+        stride = self.stride if stride is None else stride
+        groups = self.batch_parallel if batch_parallel is None else batch_parallel
+        try:
+            needed = schedule_world_size(self.n_devices, stride, groups)
+        except ScheduleError as error:
+            raise PlanError(str(error)) from None
+        if world_size != needed:
+            shape = "N + stride - 1" if groups == 1 else f"B x (N + stride - 1) with B={groups} batch groups"
+            hint = f"make a plan for {world_size - stride + 1} devices" if groups == 1 else (
+                f"make a plan for {world_size} devices")
             raise PlanError(
-                f"plan was made for model fingerprint {self.fingerprint} ({self.model}) but this model "
-                f"is {fingerprint}; re-run 'asyncdiff-partition profile' and 'plan' for this model and shapes"
+                f"the plan splits {self.model} into N={self.n_devices} segments; with stride {stride} that needs "
+                f"{shape} = {needed} ranks, but this run has {world_size}; start {needed} processes "
+                f"(--nproc {needed}) or {hint}"
             )
+
+
+def _mismatch_hint(plan: Plan, specs: Sequence[dict[str, Any]] | None, n_nodes: int | None) -> str:
+    """Which of model and shapes differ, as far as the plan (and its profile file) tell."""
+    specs = list(specs or [])
+    profiled = plan.profile.get("inputs") or None
+    if profiled is None:
+        try:
+            with open(plan.profile.get("path") or "", encoding="utf-8") as file:
+                profiled = json.load(file)["inputs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            profiled = None
+    if profiled is not None and specs:
+        changed = [f"{p['name']} {tuple(p['shape'])} -> {tuple(s['shape'])}"
+                   for p, s in zip(profiled, specs) if p["name"] == s["name"] and list(p["shape"]) != list(s["shape"])]
+        if changed and len(profiled) == len(specs):
+            return f"the input shapes differ from the profiled ones ({'; '.join(changed)})"
+    if n_nodes is not None and plan.boundaries and plan.boundaries[-1] != n_nodes:
+        return f"it is another model: its graph has {n_nodes} nodes, the plan's {plan.boundaries[-1]}"
+    shapes = ", ".join(f"{s['name']} {tuple(s['shape'])} {s['dtype']}" for s in specs)
+    return f"another model, or input shapes other than the profiled ones (these: {shapes})"
 
 
 def ideal_speedup(steps: int, warmup: int, n_devices: int, stride: int = 1) -> float:
@@ -170,6 +257,7 @@ def make_plan(
     memory_caps: Sequence[int | None] | None = None,
     boundaries: Sequence[str] | None = None,
     profile_path: str = "",
+    latency_slack: float = 0.0,
 ) -> Plan:
     """Partition a profiled model for ``n_devices`` devices.
 
@@ -184,16 +272,30 @@ def make_plan(
         memory_caps: per-device parameter-byte caps (None entries: no cap).
         boundaries: module paths at which segments 2..N start (a hand split); None = balanced.
         profile_path: recorded in the plan.
+        latency_slack: x > 0 cuts where the profile's staleness is least among the splits
+            within (1 + x) of the optimal bottleneck (plan field ``objective``); needs a
+            profile calibrated for staleness. 0: the latency-optimal split.
 
     Raises:
-        PlanError: bad arguments, N larger than the graph allows, unknown module boundaries.
+        PlanError: bad arguments, N larger than the graph allows, unknown module boundaries,
+            a latency slack with a profile that has no staleness, or a slack with a hand split.
     """
-    if stride not in (1, 2):
-        raise PlanError(f"stride must be 1 or 2, got {stride}")
+    try:
+        check_stride(stride)
+    except ScheduleError as error:
+        raise PlanError(str(error)) from None
     if n_devices < 1:
         raise PlanError(f"need at least 1 device, got {n_devices}")
     if steps < 1 or warmup < 0:
         raise PlanError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    cut_staleness = profile.cut_staleness()
+    if latency_slack and cut_staleness is None:
+        raise PlanError(f"latency_slack={latency_slack} needs a profile calibrated for staleness, and "
+                        f"{profile_path or profile.model!r} has none; calibrate it with 'asyncdiff-partition tune' "
+                        f"(or fx.staleness.calibrate_staleness) or use latency_slack=0")
+    if latency_slack and boundaries is not None:
+        raise PlanError(f"latency_slack={latency_slack} chooses the cuts, but boundaries {list(boundaries)} "
+                        f"fix them; give one or the other")
     graph = profile.op_graph()
     table = graph.cut_table()
     # Inputs are on every rank (Note [value kinds] in graph.py): like fresh values they have no
@@ -205,6 +307,7 @@ def make_plan(
         preds=[graph.preds(i) for i in range(len(graph))],
         stale_bytes=table.stale_bytes,
         param_bytes=[graph.node(i)["param_bytes"] for i in range(len(graph))],
+        staleness=cut_staleness,
     )
     bandwidth = None if bandwidth_gbps is None else bandwidth_gbps * 1e6  # bytes per ms
     try:
@@ -218,7 +321,8 @@ def make_plan(
             method = "manual"
         else:
             partition = balance_segments(problem, n_devices, speeds=speeds, bandwidth=bandwidth,
-                                         link_latency_ms=link_latency_ms, memory_caps=memory_caps)
+                                         link_latency_ms=link_latency_ms, memory_caps=memory_caps,
+                                         latency_slack=latency_slack)
             method = "balanced"
     except PartitionError as error:
         raise PlanError(str(error)) from None
@@ -237,7 +341,7 @@ def make_plan(
         stride=stride,
         warmup=warmup,
         steps=steps,
-        world_size=n_devices + stride - 1,
+        world_size=n_slots(n_devices, stride),
         method=method,
         boundaries=list(partition.boundaries),
         speeds=list(speeds) if speeds is not None else [1.0] * n_devices,
@@ -250,7 +354,10 @@ def make_plan(
             "imbalance": partition.imbalance,
             "speedup": steps * sequential / total_async if total_async else float("nan"),
             "ideal_speedup": ideal_speedup(steps, warmup, n_devices, stride),
+            **({} if cut_staleness is None else {"staleness": partition.staleness}),
         },
+        objective={"kind": "staleness" if latency_slack else "latency", "latency_slack": float(latency_slack)},
+        staleness=None if cut_staleness is None else [cut_staleness[b] for b in partition.boundaries[1:-1]],
     )
 
 
@@ -279,8 +386,7 @@ def module_boundaries(graph: OpGraph, module_paths: Sequence[str]) -> list[int]:
 
 
 def _segment_plans(graph: OpGraph, partition: Partition) -> list[SegmentPlan]:
-    received = graph.segment_inputs(partition.boundaries)
-    segment_of = graph.segment_of(partition.boundaries)
+    placement = place(graph, partition.boundaries)
     plans = []
     for k, nodes in enumerate(partition.segment_nodes):
         modules = [graph.node(i)["module"] for i in nodes if graph.node(i)["kind"] == "op"] or [""]
@@ -298,8 +404,8 @@ def _segment_plans(graph: OpGraph, partition: Partition) -> list[SegmentPlan]:
                 transfer_ms=partition.transfer[k],
                 time_ms=partition.times[k],
                 receives=[
-                    {"value": name, "from_segment": segment_of[graph.index[name]], "bytes": size}
-                    for name, size in sorted(received[k].items(), key=lambda kv: graph.index[kv[0]])
+                    {"value": name, "from_segment": placement.owner[name], "bytes": graph.node(name)["out_bytes"]}
+                    for name in placement.segments[k].receives
                 ],
                 replicated=[graph.order[i] for i in partition.replicated[k]],
             )

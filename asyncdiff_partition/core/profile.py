@@ -13,6 +13,18 @@ synchronising in between (one synchronisation per run), so small kernels keep th
 asynchronous launch; ``cuda_sync=True`` synchronises around every node instead. The profile also
 records the whole-model eager latency on the same inputs, so that the sum of node medians can
 be checked against it (the profiler's own accuracy is reported, never assumed).
+
+Profile file fields added in schema 2 (schema 1 files, without them, still load):
+
+    staleness   None, or what :mod:`asyncdiff_partition.fx.staleness` measured:
+                {"per_node": [float, one per graph node: how much the node's value changes from
+                one sampling step to the next (relative L2 of v(s) - v(s-1), mean over the steps
+                that read stale values); 0.0 for nodes whose value never crosses a cut],
+                "cut_error": [float, one per boundary 0..n: the one-step relative ε error of
+                cutting there (staleness.py, Note [cut error])] (optional),
+                "warmup": W, "runs": loops, "steps": T, "samples": batch, "guidance": scale or None,
+                "metric": a one-line description, "command": how it was made}.
+                :meth:`Profile.cut_staleness` turns it into the cost of cutting at each boundary.
 """
 
 from __future__ import annotations
@@ -28,10 +40,11 @@ from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.files import read_json, write_json_atomic
 from asyncdiff_partition.core.graph import OpGraph
 
-__all__ = ["SCHEMA_VERSION", "Profile", "ProfileError", "fingerprint", "peak_live_bytes"]
+__all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "Profile", "ProfileError", "fingerprint", "peak_live_bytes"]
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # schema 1: no staleness field (latency-only plans)
 _REMAKE = "re-run 'asyncdiff-partition profile' to make a new one"
 
 
@@ -64,6 +77,8 @@ class Profile:
     graph: dict[str, Any]
     command: str = ""
     created: str = ""
+    compiled: dict[str, Any] | None = None  # costs scaled to compiled time: fx.compile Note [compiled profile]
+    staleness: dict[str, Any] | None = None  # per-node and per-cut staleness: fx.staleness
     schema_version: int = SCHEMA_VERSION
     kind: str = field(default="profile", repr=False)
 
@@ -79,6 +94,37 @@ class Profile:
     def op_graph(self) -> OpGraph:
         return OpGraph.from_dict(self.graph)
 
+    def cut_staleness(self) -> list[float] | None:
+        """Per boundary b = 0..n, the fidelity cost of cutting there; None without a calibration.
+
+        The measured ``cut_error`` where the file has it; else the summed ``per_node`` change of
+        the values crossing b: a value produced at position i and last read at j crosses
+        boundaries i+1..j (as in :meth:`OpGraph.cut_table`); only stale values (Note [value
+        kinds]) arrive a step late.
+        """
+        if self.staleness is None:
+            return None
+        if self.staleness.get("cut_error") is not None:
+            return [float(x) for x in self.staleness["cut_error"]]
+        return self.proxy_staleness()
+
+    def proxy_staleness(self) -> list[float] | None:
+        """Per boundary, the summed ``per_node`` change of the stale values crossing it (see :meth:`cut_staleness`)."""
+        if self.staleness is None:
+            return None
+        graph, per_node = self.op_graph(), self.staleness["per_node"]
+        diff = [0.0] * (len(graph) + 2)
+        for i, last in enumerate(graph.last_use()):
+            node = graph.node(i)
+            if node["kind"] == "op" and not node["fresh"] and last > i:
+                diff[i + 1] += per_node[i]
+                diff[last + 1] -= per_node[i]
+        out, total = [], 0.0
+        for b in range(len(graph) + 1):
+            total += diff[b]
+            out.append(max(total, 0.0))  # a running sum can dip a few ulps below zero
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -92,16 +138,32 @@ class Profile:
 
         Raises:
             FileFormatError: missing, corrupt, truncated, not a profile, or unknown version.
+            ProfileError: a field breaks a rule of :mod:`~asyncdiff_partition.core.validation` (the
+                message names the file and the field).
         """
-        data = read_json(path, kind="profile", schema_version=SCHEMA_VERSION, fix=_REMAKE)
+        from dataclasses import MISSING, fields
+
+        from asyncdiff_partition.core.graph import NODE_KINDS
+        from asyncdiff_partition.core.validation import FieldError, validate_profile
+
+        data = read_json(path, kind="profile", schema_version=READABLE_VERSIONS, fix=_REMAKE)
+        data["schema_version"] = SCHEMA_VERSION  # schema 1 is schema 2 without staleness
+        own = fields(cls)
         try:
+            validate_profile(data, path, fields=[f.name for f in own], node_kinds=NODE_KINDS, fix=_REMAKE,
+                             required=[f.name for f in own if f.default is MISSING and f.default_factory is MISSING])
             profile = cls(**data)
             OpGraph.from_dict(profile.graph)
-        except (TypeError, KeyError, ValueError) as error:
-            raise ProfileError(f"profile file {str(path)!r} is malformed ({error}); {_REMAKE}") from None
-        if len(profile.costs) != len(profile.graph["nodes"]):
-            raise ProfileError(f"profile file {str(path)!r} has {len(profile.costs)} costs for "
-                               f"{len(profile.graph['nodes'])} nodes; {_REMAKE}")
+        except (FieldError, ValueError) as error:  # GraphError is a ValueError
+            raise ProfileError(f"{error}" if isinstance(error, FieldError) else
+                               f"profile file {str(path)!r} has an invalid graph ({error}); {_REMAKE}") from None
+        staleness, n = profile.staleness, len(profile.costs)
+        if staleness is not None and (not isinstance(staleness, dict) or not isinstance(staleness.get("per_node"), list)
+                                      or len(staleness["per_node"]) != n
+                                      or len(staleness.get("cut_error") or [0] * (n + 1)) != n + 1):
+            raise ProfileError(f"profile file {str(path)!r} has a staleness field without one per_node value per "
+                               f"node ({n}) and one cut_error per boundary ({n + 1}); {_REMAKE} and calibrate "
+                               f"again ('asyncdiff-partition tune')")
         return profile
 
 

@@ -2,7 +2,7 @@
 
 Example::
 
-    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), plan.boundaries))
     denoiser = ReferenceSchedule(segments, warmup=1, stride=1)
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
@@ -93,6 +93,7 @@ __all__ = [
     "ScheduleError",
     "Step",
     "Work",
+    "check_stride",
     "check_timestep_input",
     "decided_ahead",
     "exact_mask",
@@ -144,9 +145,20 @@ class Step:
         return self.phase in ("warmup", "exact")
 
 
+def check_stride(stride: object) -> int:
+    """The one stride rule: 1, or 2 for AsyncDiff's stride denoising.
+
+    Raises:
+        ScheduleError: any other value.
+    """
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ScheduleError(f"stride must be 1 or 2 (2: stride denoising with one extra rank); got {stride!r}")
+    return int(stride)
+
+
 def n_slots(n_segments: int, stride: int) -> int:
-    """Slots (ranks) a schedule uses: N, plus one for stride 2."""
-    return n_segments + stride - 1
+    """Slots (ranks) a schedule uses: N, plus one for stride 2. The one world-size rule."""
+    return n_segments + check_stride(stride) - 1
 
 
 def world_size(n_segments: int, stride: int, batch_parallel: int = 1) -> int:
@@ -207,7 +219,7 @@ def make_schedule(
     Raises:
         ScheduleError: an argument out of range, or a mask of another length than ``steps``.
     """
-    if n_segments < 1 or steps < 0 or warmup < 0 or stride not in (1, 2):
+    if n_segments < 1 or steps < 0 or warmup < 0 or isinstance(stride, bool) or stride not in (1, 2):
         raise ScheduleError(
             f"need n_segments >= 1, steps >= 0, warmup >= 0 and stride 1 or 2; got n_segments={n_segments}, "
             f"steps={steps}, warmup={warmup}, stride={stride}"
@@ -219,7 +231,10 @@ def make_schedule(
     exact = [True, *exact[1:]] if steps else []
     last = n_segments - 1
     shift = 1 if time_shift else 0
-    main = lambda t: tuple(Work(k, k, t) for k in range(n_segments))  # noqa: E731
+
+    def main(t: int) -> tuple[Work, ...]:
+        return tuple(Work(k, k, t) for k in range(n_segments))
+
     table: list[Step] = []
     s = 0
     while s < steps:

@@ -3,7 +3,7 @@
 Example::
 
     captured = capture_model(model, inputs.args, inputs.kwargs)
-    print(format_summary(summarize(captured, build_op_graph(captured), model_name="tiny")))
+    print(format_summary(summarize_model(captured, build_op_graph(captured), model_name="tiny")))
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from asyncdiff_partition.core.graph import OpGraph
 
-__all__ = ["ModelSummary", "format_bytes", "format_summary", "summarize"]
+__all__ = ["ModelSummary", "format_bytes", "format_summary", "summarize_model"]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ModelSummary:
         return asdict(self)
 
 
-def summarize(captured: Any, graph: OpGraph, *, model_name: str, top: int = 5) -> ModelSummary:
+def summarize_model(captured: Any, graph: OpGraph, *, model_name: str, top: int = 5) -> ModelSummary:
     """Collect the summary of ``captured`` (a CapturedModel) and its op graph."""
     kinds = [graph.node(n)["kind"] for n in graph.order]
     cuts = []

@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from asyncdiff_partition.core.files import FileFormatError, write_atomic
+from asyncdiff_partition.evaluation.metrics import MetricError
+from asyncdiff_partition.pipelines.digits import load_digits_data
 
 __all__ = ["FEATURES", "WEIGHTS", "DigitClassifier", "classify", "features", "load_classifier", "real_digits",
            "train_classifier"]
@@ -60,7 +65,7 @@ def _batch(images: Any) -> torch.Tensor:
     if x.ndim == 3:
         x = x.unsqueeze(1)
     if x.ndim != 4 or tuple(x.shape[1:]) != (1, 16, 16):
-        raise ValueError(f"expected digit images of shape (N, 16, 16) or (N, 1, 16, 16) in [-1, 1]; "
+        raise MetricError(f"expected digit images of shape (N, 16, 16) or (N, 1, 16, 16) in [-1, 1]; "
                          f"got {tuple(x.shape)}")
     return x
 
@@ -70,16 +75,14 @@ def load_classifier(path: str | None = None) -> DigitClassifier:
     """The trained classifier (the shipped weights by default), in eval mode.
 
     Raises:
-        ValueError: the weights file is missing.
+        FileFormatError: the weights file is missing.
     """
-    from safetensors.torch import load_file
-
     file = Path(path) if path is not None else WEIGHTS
     if not file.is_file():
-        raise ValueError(f"the digit classifier needs {file}, which is missing; train it with "
+        raise FileFormatError(f"the digit classifier needs {file}, which is missing; train it with "
                          f"'python -m asyncdiff_partition.evaluation.classifier train --out {file.parent}'")
     model = DigitClassifier()
-    model.load_state_dict(load_file(str(file)))
+    model.load_state_dict(safetensors.torch.load_file(str(file)))
     return model.eval()
 
 
@@ -98,8 +101,6 @@ def features(images: Any, *, path: str | None = None) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def real_digits() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 real digits as the digits model sees them: images (N, 16, 16) in [-1, 1], labels (N,)."""
-    from asyncdiff_partition.pipelines.digits import load_digits_data
-
     images, labels = load_digits_data()
     return images[:, 0].numpy(), labels.numpy()
 
@@ -120,10 +121,6 @@ def train_classifier(out: str | Path = WEIGHTS, *, epochs: int = 30, seed: int =
     Returns:
         The metadata written into the weights file's header (held-out accuracy, settings).
     """
-    from safetensors.torch import save_file
-
-    from asyncdiff_partition.pipelines.digits import load_digits_data
-
     torch.manual_seed(seed)
     images, labels = load_digits_data()
     train_idx, test_idx = _split(len(images), seed)
@@ -153,11 +150,7 @@ def train_classifier(out: str | Path = WEIGHTS, *, epochs: int = 30, seed: int =
             "data": "sklearn.datasets.load_digits via asyncdiff_partition.pipelines.digits.load_digits_data, [-1, 1]"}
     path = Path(out)
     path = path / WEIGHTS.name if path.suffix != ".safetensors" else path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_atomic(path, safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=meta))
     load_classifier.cache_clear()
     log(f"held-out accuracy {accuracy:.4f} on {len(test_idx)} digits; wrote {path}")
     return meta

@@ -18,8 +18,10 @@ taken in the same run on this machine.
 
 A configuration is (split, N, S, W): ``auto`` is :func:`~asyncdiff_partition.core.plan.make_plan`'s
 latency-balanced split of one profile; ``hand`` cuts only between top-level blocks, AsyncDiff
-style (:func:`hand_boundaries`). Per configuration the table shows the mean PSNR and SSIM of
-every asynchronous sample against its sequential twin, the plan's predicted speedup and the
+style (:func:`hand_boundaries`); ``fidelity`` is the least stale split within a latency slack of
+``auto``'s bottleneck (core/partition.py, Note [staleness objective]), after a calibration run of
+the same batch (fx/staleness.py). Per configuration the table shows the mean PSNR, SSIM and
+relative L2 of every asynchronous sample against its sequential twin, the plan's predicted speedup and the
 ideal one, and for the ``digits`` model the bundled classifier's class accuracy (it says the
 requested class) and the Fréchet distance of its features to real digits, both also for the
 sequential row. Samples are the final x_0 of a DDIM loop, clipped to [-1, 1] and compared on
@@ -38,9 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 
+from asyncdiff_partition.core.errors import ConfigError
+from asyncdiff_partition.core.hybrid_plan import make_hybrid_plan
+from asyncdiff_partition.core.phases import check_phases
+from asyncdiff_partition.core.placement import place
+from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, make_plan, module_boundaries
+from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
 from asyncdiff_partition.evaluation.metrics import frechet_distance, psnr, ssim
 from asyncdiff_partition.evaluation.report import (
     COLUMNS,
@@ -49,9 +58,17 @@ from asyncdiff_partition.evaluation.report import (
     format_markdown,
     write_fidelity,
 )
+from asyncdiff_partition.fx.capture import capture_model
+from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.fx.split import split_graph
+from asyncdiff_partition.fx.staleness import calibrate_staleness, injection_boundaries, spread_to_boundaries, transfer_staleness
 from asyncdiff_partition.pipelines import zoo
+from asyncdiff_partition.pipelines.digits import CONFIG, digits_scheduler
+from asyncdiff_partition.pipelines.wrap import denoise
+from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
-__all__ = ["COLUMNS", "EvalResult", "evaluate", "format_markdown", "hand_boundaries"]
+__all__ = ["COLUMNS", "EvalResult", "FidelityBench", "evaluate", "format_markdown", "hand_boundaries"]
 
 Row = dict[str, Any]
 
@@ -85,6 +102,8 @@ def evaluate(
     seed: int = 0,
     guidance: float = 2.0,
     hand_split: bool = True,
+    latency_slacks: Sequence[float] = (0.03,),
+    calibration_images: int = 1,
     out_dir: str | Path | None = None,
     profile_repeats: int = 2,
     echo: Callable[[str], None] | None = None,
@@ -104,6 +123,10 @@ def evaluate(
             is the null class, as in :mod:`~asyncdiff_partition.pipelines.class_guided`); <= 1 for none.
             Other models are sampled without guidance, on their example conditioning.
         hand_split: also evaluate the block-boundary hand split at every N.
+        latency_slacks: one ``fidelity`` split per value: the least stale plan within that
+            slack of the optimal bottleneck (the profile is calibrated for staleness on a small
+            calibration batch first); empty for none.
+        calibration_images: like ``images``, for the calibration batch (drawn with other noise).
         out_dir: where to write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png``.
         profile_repeats: timed runs of the one profile the plans are made from.
         echo: progress lines go here (``print``, ``click.echo``); None for silence.
@@ -119,61 +142,49 @@ def evaluate(
         ValueError: empty or out-of-range settings, an unknown model.
     """
     _check_settings(devices, strides, warmups, steps, images)
-    from asyncdiff_partition.fx.capture import capture_model
-    from asyncdiff_partition.fx.opgraph import build_op_graph
-    from asyncdiff_partition.fx.profiler import profile_model
-
+    if any(not 0 < x < math.inf for x in latency_slacks):
+        raise ConfigError(f"latency slacks must be finite numbers > 0 (0.03 = 3 %), got {list(latency_slacks)}")
+    if latency_slacks and steps < 2:
+        raise ConfigError(f"fidelity-aware splits are calibrated on stale steps and need steps >= 2, got {steps}; "
+                         f"raise --steps or pass --latency-slack ''")
     say = echo or (lambda _line: None)
     begin = time.perf_counter()
-    name = model_spec or zoo.DEFAULT_MODEL
-    model = zoo.load_model(name, seed=seed)
-    labels = _labels(model, images)
-    batch = len(labels) if labels is not None else images
-    guided = labels is not None and guidance > 1
-    inputs = zoo.example_inputs(model, batch=2 * batch if guided else batch, seed=seed)
-    captured = capture_model(model, inputs.args, inputs.kwargs, latent=inputs.latent)
-    graph = build_op_graph(captured)
-    profile = profile_model(captured, model_name=name, repeats=profile_repeats, command="asyncdiff-partition eval")
-    sampler = _Sampler(captured, inputs, labels, steps=steps, seed=seed, scheduler=_scheduler(name, model),
-                       guidance=guidance if guided else None)
-    digits, real_row = _digit_metrics(model, labels, seed)
-    say(f"eval {name}: {batch} samples" + (f" (classes {labels.min()}-{labels.max()}, guidance {guidance})"
-        if labels is not None else "") + f", T={steps}; {ORACLE_NOTE}")
-
-    reference = sampler.run(None)
-    base: Row = {"model": name, "steps": steps, "samples": batch}
-    rows = [{**base, "split": "sequential", "n_devices": 1, "stride": "", "warmup": "", "world_size": 1,
-             "boundaries": "", "psnr_db": math.inf, "ssim": 1.0, "predicted_speedup": 1.0, "ideal_speedup": 1.0,
-             "imbalance": 1.0, **digits(reference), "note": "unsplit model"}]
-    if real_row is not None:
-        rows.insert(0, {**base, **real_row})
+    bench = FidelityBench(model_spec, steps=steps, images=images, seed=seed, guidance=guidance,
+                          profile_repeats=profile_repeats, command="asyncdiff-partition eval")
+    say(f"eval {bench.name}: {bench.describe()}; {ORACLE_NOTE}")
+    rows = [bench.sequential]
+    if bench.real_row is not None:
+        rows.insert(0, bench.real_row)
         say("  " + describe_row(rows[0]))
-    splits = ["auto", "hand"] if hand_split else ["auto"]
-    for split in splits:
+    splits: list[tuple[str, float]] = [("auto", 0.0)] + ([("hand", 0.0)] if hand_split else [])
+    if latency_slacks:  # calibrated on its own batch (other noise), never on the batch judged here
+        calibration = FidelityBench(model_spec, steps=steps, images=calibration_images, seed=seed, guidance=guidance,
+                                    profile_repeats=1, noise_seed=seed + 1000, command="asyncdiff-partition eval")
+        bench.adopt(calibration.calibrate(warmup=1, progress=echo is not None), calibration.graph)
+        say(f"calibrated staleness on {calibration.describe()} (noise seed {seed + 1000})")
+        splits += [("fidelity", x) for x in latency_slacks]
+    for split, slack in splits:
         for n in devices:
             try:
-                hand = hand_boundaries(model, graph, n) if split == "hand" else None
-                segments = _segments(captured, graph, profile, n, hand)
+                hand = hand_boundaries(bench.model, bench.graph, n) if split == "hand" else None
+                boundaries = bench.plan(n, boundaries=hand, latency_slack=slack).boundaries
             except ValueError as error:
-                rows.append({**base, "split": split, "n_devices": n, "note": f"skipped: {error}"})
+                rows.append({**bench.base, "split": split, "n_devices": n, "note": f"skipped: {error}"})
                 say(f"  {split} N={n}: skipped ({error})")
                 continue
-            runs: dict[tuple[int, int], Row] = {}  # (S, effective W) -> figures: W = 0 and 1 run alike
             for stride in strides:
                 for warmup in warmups:
-                    rows.append({**base, **_configuration(profile, segments, sampler, reference, digits, split, n,
-                                                          stride, warmup, steps, hand, runs)})
+                    rows.append(_configuration(bench, split, n, stride, warmup, hand, slack, boundaries))
                     say("  " + describe_row(rows[-1]))
     for b in batch_parallel:
         for policy in phases:
             if b > 1 or policy is not None:
-                rows.extend({**base, **row} for row in _hybrid_rows(
-                    model, inputs, profile, sampler, reference, digits, b, policy, devices, strides, warmups,
-                    steps, profile_repeats, say))
+                rows.extend({**bench.base, **row} for row in _hybrid_rows(
+                    bench, b, policy, devices, strides, warmups, profile_repeats, say))
     seconds = time.perf_counter() - begin
-    guide = f", guidance {guidance:g}" if guided else ""
-    markdown = format_markdown(rows, title=f"Fidelity of asynchronous denoising: {name}, T={steps}, "
-                               f"{batch} samples (seed {seed}{guide}), {seconds:.0f} s")
+    guide = f", guidance {guidance:g}" if bench.guided else ""
+    markdown = format_markdown(rows, title=f"Fidelity of asynchronous denoising: {bench.name}, T={steps}, "
+                               f"{bench.batch} samples (seed {seed}{guide}), {seconds:.0f} s")
     result = EvalResult(rows, markdown, seconds=seconds)
     if out_dir is not None:
         result.paths = write_fidelity(out_dir, rows, markdown)
@@ -184,57 +195,140 @@ def evaluate(
 def _check_settings(devices: Sequence[int], strides: Sequence[int], warmups: Sequence[int], steps: int,
                     images: int) -> None:
     if not devices or any(n < 1 for n in devices):
-        raise ValueError(f"devices must be a non-empty list of N >= 1, got {list(devices)}")
+        raise ConfigError(f"devices must be a non-empty list of N >= 1, got {list(devices)}")
     if not strides or any(s not in (1, 2) for s in strides):
-        raise ValueError(f"strides must be 1 and/or 2, got {list(strides)}")
+        raise ConfigError(f"strides must be 1 and/or 2, got {list(strides)}")
     if not warmups or any(w < 0 for w in warmups):
-        raise ValueError(f"warmups must be a non-empty list of W >= 0, got {list(warmups)}")
+        raise ConfigError(f"warmups must be a non-empty list of W >= 0, got {list(warmups)}")
     if steps < 1 or images < 1:
-        raise ValueError(f"need steps >= 1 and images >= 1, got steps={steps}, images={images}")
+        raise ConfigError(f"need steps >= 1 and images >= 1, got steps={steps}, images={images}")
 
 
-def _configuration(profile: Any, segments: list[Any], sampler: _Sampler, reference: np.ndarray,
-                   digits: Callable[[np.ndarray], Row], split: str, n: int, stride: int, warmup: int, steps: int,
-                   hand: Sequence[str] | None, runs: dict[tuple[int, int], Row]) -> Row:
-    """One row: the asynchronous samples of (split, N, S, W) against the sequential ones.
-
-    ``runs`` keeps the figures of every (S, W) sampled with these segments, so that a W that
-    runs like another (W = 0 like W = 1, every W >= T alike) is sampled once.
-    """
-    from asyncdiff_partition.core.plan import make_plan
-    from asyncdiff_partition.runtime.reference import ReferenceSchedule
-
+def _configuration(bench: FidelityBench, split: str, n: int, stride: int, warmup: int, hand: Sequence[str] | None,
+                   slack: float, boundaries: Sequence[int]) -> Row:
+    """One row: the asynchronous samples of (split, N, S, W) against the sequential ones."""
     effective = max(warmup, 1)  # Note [what eval measures]: W = 0 runs as W = 1
-    plan = make_plan(profile, n, stride=stride, warmup=effective, steps=steps, boundaries=hand)
-    row: Row = {"split": split, "n_devices": n, "stride": stride, "warmup": warmup, "world_size": plan.world_size,
+    plan = bench.plan(n, stride=stride, warmup=effective, boundaries=hand, latency_slack=slack)
+    row: Row = {**bench.base, "split": split, "n_devices": n, "stride": stride, "warmup": warmup,
+                "world_size": plan.world_size, "latency_slack": slack if split == "fidelity" else "",
                 "boundaries": ", ".join(s.first_module for s in plan.segments[1:]),
+                "staleness": plan.predicted.get("staleness", ""),
                 "predicted_speedup": plan.predicted["speedup"], "ideal_speedup": plan.predicted["ideal_speedup"],
                 "imbalance": plan.predicted["imbalance"], "note": ""}
-    key = (stride, min(effective, steps))
-    if key not in runs:
-        try:
-            schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride,
-                                         timestep_input=sampler.timestep_input)
-        except ValueError as error:
-            return {**row, "note": f"skipped: {error}"}
-        samples = sampler.run(schedule)
-        runs[key] = {"psnr_db": float(np.mean([psnr(a, b) for a, b in zip(reference, samples)])),
-                     "ssim": float(np.mean([ssim(a, b) for a, b in zip(reference, samples)])), **digits(samples)}
-    return {**row, **runs[key]}
+    try:
+        return {**row, **bench.judge(boundaries, stride, warmup)}
+    except ValueError as error:
+        return {**row, "note": f"skipped: {error}"}
 
 
-def _hybrid_rows(model: Any, inputs: Any, profile: Any, sampler: _Sampler, reference: np.ndarray,
-                 digits: Callable[[np.ndarray], Row], b: int, policy: dict[str, Any] | None, devices: Sequence[int],
-                 strides: Sequence[int], warmups: Sequence[int], steps: int, repeats: int,
-                 say: Callable[[str], None]) -> list[Row]:
+class FidelityBench:
+    """One model, one batch of samples and its sequential twin: the fidelity of any split (Note [what eval measures]).
+
+    Shared by ``eval`` and ``tune``. Example::
+
+        bench = FidelityBench("digits", steps=20, images=2, seed=0, guidance=2.0)
+        bench.calibrate()                                      # profile.staleness, same batch
+        plan = bench.plan(2, latency_slack=0.03)
+        bench.judge(plan.boundaries, stride=1, warmup=1)       # {"psnr_db": ..., "frechet_distance": ...}
+    """
+
+    def __init__(self, model_spec: str | None, *, steps: int, images: int, seed: int, guidance: float,
+                 profile_repeats: int = 2, command: str = "", noise_seed: int | None = None):
+        self.name = model_spec or zoo.DEFAULT_MODEL
+        self.model = zoo.load_model(self.name, seed=seed)
+        self.labels = _labels(self.model, images)
+        self.batch = len(self.labels) if self.labels is not None else images
+        self.guided = self.labels is not None and guidance > 1
+        self.steps, self.guidance, self.command = steps, guidance, command
+        noise = seed if noise_seed is None else noise_seed  # weights from seed, samples from noise_seed
+        inputs = zoo.example_inputs(self.model, batch=2 * self.batch if self.guided else self.batch, seed=noise)
+        self.captured = capture_model(self.model, inputs.args, inputs.kwargs, latent=inputs.latent)
+        self.graph = build_op_graph(self.captured)
+        self.profile = profile_model(self.captured, model_name=self.name, repeats=profile_repeats, command=command)
+        self.sampler = _Sampler(self.captured, inputs, self.labels, steps=steps, seed=noise,
+                                scheduler=_scheduler(self.name, self.model), guidance=guidance if self.guided else None)
+        self.digits, real_row = _digit_metrics(self.model, self.labels, seed)
+        self.base: Row = {"model": self.name, "steps": steps, "samples": self.batch}
+        self.real_row = None if real_row is None else {**self.base, **real_row}
+        self.reference = self.sampler.run(None)
+        self.sequential: Row = {**self.base, "split": "sequential", "n_devices": 1, "stride": "", "warmup": "",
+                                "world_size": 1, "boundaries": "", "psnr_db": math.inf, "ssim": 1.0,
+                                "relative_l2": 0.0, "predicted_speedup": 1.0, "ideal_speedup": 1.0, "imbalance": 1.0,
+                                **self.digits(self.reference), "note": "unsplit model"}
+        self._segments: dict[tuple[int, ...], list[Any]] = {}
+        self._judged: dict[tuple[tuple[int, ...], int, int], Row] = {}
+
+    def describe(self) -> str:
+        classes = (f" (classes {self.labels.min()}-{self.labels.max()}, guidance {self.guidance:g})"
+                   if self.labels is not None else "")
+        return f"{self.batch} samples{classes}, T={self.steps}"
+
+    def calibrate(self, *, warmup: int = 1, progress: bool = False) -> dict[str, Any]:
+        """Measure staleness on this batch into ``self.profile.staleness`` and return it (fx/staleness.py).
+
+        ``per_node`` comes from one recorded sequential run; ``cut_error`` from one asynchronous
+        run per injection boundary (Note [cut error]): the relative L2 of its samples.
+        """
+        from tqdm import tqdm
+        staleness = calibrate_staleness(
+            self.captured, self.graph, self.sampler.run, warmup=warmup, steps=self.steps, samples=self.batch,
+            guidance=self.guidance if self.guided else None, command=self.command)
+        n, fresh = len(self.graph), self.graph.fresh
+        measured: dict[int, float] = {}
+        for r in tqdm(injection_boundaries(self.graph), desc="cut errors", unit="cut", disable=not progress):
+            if all(fresh[i] or self.graph.node(i)["kind"] != "op" for i in range(r)):
+                measured[r] = 0.0  # nothing stale before it: no plan can cut there
+                continue
+            try:
+                measured[r] = self.judge([0, r, n], 1, warmup)["relative_l2"]
+            except ValueError:
+                measured[r] = math.nan
+        worst = max((v for v in measured.values() if math.isfinite(v)), default=0.0)
+        staleness["cut_error"] = spread_to_boundaries(
+            self.graph, {r: v if math.isfinite(v) else worst for r, v in measured.items()})
+        self._segments.clear()  # one split per injection boundary: not worth keeping
+        self.profile.staleness = staleness
+        return staleness
+
+    def adopt(self, staleness: dict[str, Any], graph: Any) -> None:
+        """Use a calibration made on another batch of the same model (``graph``: its op graph)."""
+        if graph.order != self.graph.order:
+            staleness = transfer_staleness(staleness, graph, self.graph)
+        self.profile.staleness = staleness
+
+    def plan(self, n: int, **options: Any) -> Any:
+        """:func:`~asyncdiff_partition.core.plan.make_plan` on this bench's profile, for T = its steps."""
+        return make_plan(self.profile, n, steps=self.steps, **options)
+
+    def judge(self, boundaries: Sequence[int], stride: int, warmup: int) -> Row:
+        """PSNR, SSIM, relative L2 (and digit metrics) of the asynchronous samples with these cuts.
+
+        A (S, W) that runs like another (W = 0 like W = 1, every W >= T alike) is sampled once.
+
+        Raises:
+            ValueError: a schedule the segments cannot run (e.g. stride 2 without a timestep input).
+        """
+        cuts = tuple(boundaries)
+        key = (cuts, stride, min(max(warmup, 1), self.steps))
+        if key not in self._judged:
+            if cuts not in self._segments:
+                self._segments[cuts] = split_graph(self.captured, place(self.graph, list(cuts)))
+            schedule = ReferenceSchedule(self._segments[cuts], warmup=warmup, stride=stride,
+                                         timestep_input=self.sampler.timestep_input)
+            samples = self.sampler.run(schedule)
+            pairs = list(zip(self.reference, samples))
+            self._judged[key] = {
+                "psnr_db": float(np.mean([psnr(a, b) for a, b in pairs])),
+                "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+                "relative_l2": float(np.mean([np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12) for a, b in pairs])),
+                **self.digits(samples)}
+        return dict(self._judged[key])
+
+
+def _hybrid_rows(bench: FidelityBench, b: int, policy: dict[str, Any] | None, devices: Sequence[int],
+                 strides: Sequence[int], warmups: Sequence[int], repeats: int, say: Callable[[str], None]) -> list[Row]:
     """Rows of B batch groups x the auto split with a switching policy (issue 13), beside the segment-only rows."""
-    from asyncdiff_partition.core.hybrid_plan import make_hybrid_plan
-    from asyncdiff_partition.fx.capture import capture_model
-    from asyncdiff_partition.fx.opgraph import build_op_graph
-    from asyncdiff_partition.fx.profiler import profile_model
-    from asyncdiff_partition.runtime.policy import check_phases
-    from asyncdiff_partition.runtime.reference import ReferenceSchedule
-
+    sampler, profile, steps = bench.sampler, bench.profile, bench.steps
     label = f"hybrid B={b}" + ("" if policy is None else f" {check_phases(policy)['kind']}")
     batch = sampler.captured.latent.shape[0]
     if batch % b:
@@ -242,8 +336,8 @@ def _hybrid_rows(model: Any, inputs: Any, profile: Any, sampler: _Sampler, refer
         return [{"split": label, "n_devices": 0, "note": f"skipped: batch {batch} does not split into B={b}"}]
     captured, sliced = sampler.captured, profile
     if b > 1:
-        part = zoo.example_inputs(model, batch=batch // b, seed=0)
-        captured = capture_model(model, part.args, part.kwargs, latent=part.latent)
+        part = zoo.example_inputs(bench.model, batch=batch // b, seed=0)
+        captured = capture_model(bench.model, part.args, part.kwargs, latent=part.latent)
         sliced = profile_model(captured, model_name=profile.model, repeats=repeats, command="asyncdiff-partition eval")
     graph = build_op_graph(captured)
     rows = []
@@ -256,7 +350,7 @@ def _hybrid_rows(model: Any, inputs: Any, profile: Any, sampler: _Sampler, refer
                                               batch_parallel=b, steps=steps, warmup=max(warmup, 1), phases=policy,
                                               max_stale_hops=n * stride)
                     c = next(c for c in choice.candidates if (c.n_devices, c.stride) == (n, stride))
-                    segments = _segments(captured, graph, sliced, n, None)
+                    segments = split_graph(captured, place(graph, make_plan(sliced, n).boundaries))
                     schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, phases=policy, batch_parallel=b,
                                                  timestep_input=sampler.timestep_input, latent_input=captured.latent.name)
                 except (ValueError, StopIteration) as error:
@@ -268,19 +362,12 @@ def _hybrid_rows(model: Any, inputs: Any, profile: Any, sampler: _Sampler, refer
                              "boundaries": ", ".join(s.first_module for s in c.plan.segments[1:]),
                              "predicted_speedup": c.speedup, "ideal_speedup": c.ideal,
                              "imbalance": c.plan.predicted["imbalance"],
-                             "psnr_db": float(np.mean([psnr(x, y) for x, y in zip(reference, samples)])),
-                             "ssim": float(np.mean([ssim(x, y) for x, y in zip(reference, samples)])), **digits(samples),
+                             "psnr_db": float(np.mean([psnr(x, y) for x, y in zip(bench.reference, samples)])),
+                             "ssim": float(np.mean([ssim(x, y) for x, y in zip(bench.reference, samples)])),
+                             **bench.digits(samples),
                              "note": f"{modes.count('async')} of {len(modes)} steps async"})
                 say("  " + describe_row(rows[-1]))
     return rows
-
-
-def _segments(captured: Any, graph: Any, profile: Any, n: int, hand: Sequence[str] | None) -> list[Any]:
-    """The split modules of the auto (``hand`` None) or hand plan at N (the same for every S, W)."""
-    from asyncdiff_partition.core.plan import make_plan
-    from asyncdiff_partition.fx.split import split_graph
-
-    return split_graph(captured, graph, make_plan(profile, n, boundaries=hand).boundaries)
 
 
 def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[str]:
@@ -296,12 +383,10 @@ def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[
     Raises:
         ValueError: fewer blocks than N.
     """
-    from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, module_boundaries
-
     config = getattr(model, "config", None) or {}
     sd21_like = (type(model).__name__ == "UNet2DConditionModel" and config.get("layers_per_block") == 2
-                 and tuple(config.get("down_block_types", ())) == zoo._SD_DOWN
-                 and tuple(config.get("up_block_types", ())) == zoo._SD_UP)
+                 and tuple(config.get("down_block_types", ())) == zoo.SD_DOWN_BLOCKS
+                 and tuple(config.get("up_block_types", ())) == zoo.SD_UP_BLOCKS)
     if sd21_like and n_devices in ASYNCDIFF_SD21_BOUNDARIES:
         return list(ASYNCDIFF_SD21_BOUNDARIES[n_devices])
     names = [f"{top}.{i}" for top, child in model.named_children() if isinstance(child, torch.nn.ModuleList)
@@ -315,7 +400,7 @@ def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[
             continue
     blocks = [block for _, block in sorted(placed)]
     if n_devices > len(blocks):
-        raise ValueError(f"a hand split cuts only between top-level blocks; this model has {len(blocks)} "
+        raise ConfigError(f"a hand split cuts only between top-level blocks; this model has {len(blocks)} "
                          f"({', '.join(blocks) or 'none'}), too few for N={n_devices}")
     return [blocks[int(j * len(blocks) / n_devices + 0.5)] for j in range(1, n_devices)]
 
@@ -342,8 +427,6 @@ class _Sampler:
 
     def run(self, denoiser: Any) -> np.ndarray:
         """Samples as float images in [0, 1], (batch, H, W, C); ``denoiser`` None = the unsplit graph."""
-        from asyncdiff_partition.pipelines.wrap import denoise
-
         names = [s.name for s in self.captured.inputs]
         if denoiser is None:
             graph = self.captured.graph_module
@@ -354,18 +437,15 @@ class _Sampler:
             x = denoise(denoiser, self.captured, scheduler=self.scheduler, latents=self.noise * self.scheduler.init_noise_sigma,
                         timesteps=self.scheduler.timesteps, cond=self.cond, timestep_input=self.timestep_input,
                         guidance_scale=self.guidance)
-        x = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
-        x = x.reshape(x.shape[0], -1, *x.shape[-3:])  # (batch, frames or 1, C, H, W)
-        return np.moveaxis(x, 2, -1).reshape(x.shape[0], -1, x.shape[-1], x.shape[2])
+        pixels = ((x.clamp(-1, 1) + 1) / 2).double().numpy()
+        pixels = pixels.reshape(pixels.shape[0], -1, *pixels.shape[-3:])  # (batch, frames or 1, C, H, W)
+        return np.moveaxis(pixels, 2, -1).reshape(pixels.shape[0], -1, pixels.shape[-1], pixels.shape[2])
 
 
 def _scheduler(spec: str, model: torch.nn.Module) -> Any:
     """DDIM: the digits model's training betas, a pipeline directory's ``scheduler/``, else the defaults."""
-    import diffusers
 
     if _is_digits(model):
-        from asyncdiff_partition.pipelines.class_guided import digits_scheduler
-
         return digits_scheduler()
     folder = Path(spec) / "scheduler"
     if spec not in zoo.list_models() and (folder / "scheduler_config.json").is_file():
@@ -386,8 +466,6 @@ def _labels(model: torch.nn.Module, per_class: int) -> np.ndarray | None:
 
 def _is_digits(model: torch.nn.Module) -> bool:
     """A model shaped like the bundled digits model: 16 x 16, one channel, 10 classes + null."""
-    from asyncdiff_partition.pipelines.digits import CONFIG
-
     config = dict(getattr(model, "config", None) or {})
     return all(config.get(key) == CONFIG[key] for key in ("in_channels", "sample_size", "num_class_embeds"))
 
@@ -401,8 +479,6 @@ def _digit_metrics(model: torch.nn.Module, labels: np.ndarray | None,
     """
     if labels is None or not _is_digits(model):
         return (lambda _samples: {"class_accuracy": "", "frechet_distance": ""}), None
-    from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
-
     images, classes = real_digits()
     real = features(images)
 

@@ -4,15 +4,14 @@ Example::
 
     psnr(sequential_image, async_image)              # dB, inf when identical
     ssim(sequential_image, async_image)              # 1.0 when identical
-    frechet_distance(features(generated), features(real))
-    (classify(generated) == labels).mean()           # class accuracy on the digits model
+    frechet_distance(features(generated), features(real))   # features: evaluation/classifier.py
 
 Images are float numpy arrays, H x W or H x W x C (a metric over channels is their mean).
 :func:`psnr` and :func:`ssim` compare two images of one run (AsyncDiff's LPIPS/PSNR "against
 the original"); :func:`frechet_distance` compares two *sets* of feature vectors (FID's formula,
-Heusel et al., 2017, on whatever features are given). :func:`classify` and :func:`features`
-use the bundled digit classifier (:mod:`asyncdiff_partition.evaluation.classifier`) and only make sense
-for the ``digits`` model's images.
+Heusel et al., 2017, on whatever features are given). Class accuracy and the features
+of the ``digits`` model's images come from the bundled digit classifier
+(:mod:`asyncdiff_partition.evaluation.classifier`).
 
 Only numpy is needed: the matrix square root of FID is taken by symmetric eigendecompositions,
 which is stable for the positive semi-definite covariances it sees.
@@ -26,7 +25,7 @@ import numpy as np
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 
-__all__ = ["MetricError", "classify", "features", "frechet_distance", "psnr", "ssim"]
+__all__ = ["MetricError", "frechet_distance", "psnr", "ssim"]
 
 Array = np.ndarray
 
@@ -154,18 +153,3 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     trace_root = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((cross + cross.T) / 2), 0.0, None))))
     distance = float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_root)
     return max(distance, 0.0)
-
-
-def classify(images: Any) -> Array:
-    """Digit labels (0-9) the bundled classifier gives ``images``, (N, 16, 16) in [-1, 1] (see :mod:`.classifier`)."""
-    from asyncdiff_partition.evaluation.classifier import classify as _classify
-
-    return _classify(images)
-
-
-def features(images: Any) -> Array:
-    """The bundled classifier's penultimate activations of ``images`` ((N, 16, 16) in [-1, 1]),
-    one row per image, for :func:`frechet_distance` (see :mod:`.classifier`)."""
-    from asyncdiff_partition.evaluation.classifier import features as _features
-
-    return _features(images)

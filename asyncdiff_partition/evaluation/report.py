@@ -14,24 +14,31 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "ORACLE_NOTE", "describe_row", "format_markdown", "write_fidelity"]
+from asyncdiff_partition.core.files import write_atomic
+
+__all__ = ["COLUMNS", "ORACLE_NOTE", "STYLES", "describe_row", "format_markdown", "split_label", "write_fidelity"]
 
 Row = dict[str, Any]
 
-COLUMNS = ("model", "split", "n_devices", "stride", "warmup", "world_size", "steps", "samples", "boundaries",
-           "psnr_db", "ssim", "predicted_speedup", "ideal_speedup", "imbalance", "class_accuracy",
-           "frechet_distance", "note")
+COLUMNS = ("model", "split", "latency_slack", "n_devices", "stride", "warmup", "world_size", "steps", "samples",
+           "boundaries", "staleness", "psnr_db", "ssim", "relative_l2", "predicted_speedup", "ideal_speedup",
+           "imbalance", "class_accuracy", "frechet_distance", "note")
+
+STYLES = {"sequential": ("k", "*"), "auto": ("tab:blue", "o"), "hand": ("tab:orange", "s"),
+          "fidelity": ("tab:green", "D")}
 
 ORACLE_NOTE = ("asynchronous samples computed in one process by ReferenceSchedule, the exact oracle of the "
                "distributed runtime (tested equal to it), so no processes were started")
 
 
+def split_label(row: Row) -> str:
+    """``fidelity (+3%)`` for a fidelity-aware row, else the split's name."""
+    slack = row.get("latency_slack")
+    return f"{row['split']} (+{100 * slack:g}%)" if isinstance(slack, float) and slack else str(row["split"])
 
 
 def _cell(value: Any, digits: int = 2) -> str:
@@ -49,7 +56,7 @@ def describe_row(row: Row) -> str:
         return f"{row['split']} N={row['n_devices']} S={row.get('stride')} W={row.get('warmup')}: {row['note']}"
     extra = "" if row.get("class_accuracy") in ("", None) else (
         f", accuracy {row['class_accuracy']:.3f}, FD {row['frechet_distance']:.2f}")
-    return (f"{row['split']:<5} N={row['n_devices']} S={row['stride']} W={row['warmup']}: PSNR "
+    return (f"{split_label(row):<5} N={row['n_devices']} S={row['stride']} W={row['warmup']}: PSNR "
             f"{_cell(row['psnr_db'])} dB, SSIM {row['ssim']:.4f}, predicted {row['predicted_speedup']:.2f}x "
             f"(ideal {row['ideal_speedup']:.2f}x){extra}")
 
@@ -62,10 +69,10 @@ def format_markdown(rows: Sequence[Row], *, title: str = "Fidelity of asynchrono
     lines = [f"### {title}", "", note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "psnr_db" not in r:
-            cells = [r["split"], r["n_devices"], r.get("stride", ""), r.get("warmup", ""), "", r["note"]] + [""] * 4
+            cells = [split_label(r), r["n_devices"], r.get("stride", ""), r.get("warmup", ""), "", r["note"]] + [""] * 4
             cells += [_cell(r.get("class_accuracy"), 3), _cell(r.get("frechet_distance"), 2)]
         else:
-            cells = [r["split"], r["n_devices"], r["stride"], r["warmup"], r["world_size"], r["boundaries"] or "-",
+            cells = [split_label(r), r["n_devices"], r["stride"], r["warmup"], r["world_size"], r["boundaries"] or "-",
                      _cell(r["psnr_db"]), _cell(r["ssim"], 4), f"{_cell(r['predicted_speedup'])}x",
                      f"{_cell(r['ideal_speedup'])}x", _cell(r.get("class_accuracy"), 3),
                      _cell(r.get("frechet_distance"), 2)]
@@ -82,35 +89,21 @@ def _csv_text(rows: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_fidelity(out: str | Path, rows: Sequence[Row], markdown: str) -> dict[str, Path]:
     """Write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png`` into ``out`` (each atomically)."""
     out = Path(out)
     text = _csv_text(rows)
-    return {"csv": _atomic(out / "fidelity.csv", lambda h: h.write(text), "w"),
-            "markdown": _atomic(out / "fidelity.md", lambda h: h.write(markdown), "w"),
-            "plot": _atomic(out / "fidelity.png", lambda h: _plot(rows, h), "wb")}
+    return {"csv": write_atomic(out / "fidelity.csv", text),
+            "markdown": write_atomic(out / "fidelity.md", markdown),
+            "plot": write_atomic(out / "fidelity.png", _plot(rows))}
 
 
-def _plot(rows: Sequence[Row], handle: Any) -> None:
-    """PSNR, SSIM (and for digits class accuracy and Fréchet distance) against predicted speedup."""
-    import matplotlib
+def _plot(rows: Sequence[Row]) -> bytes:
+    """PSNR, SSIM (and for digits class accuracy and Fréchet distance) against predicted speedup, as PNG."""
+    import matplotlib  # heavy (about a second): only `eval` pays for it, not the import of this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     done = [r for r in rows if "psnr_db" in r]
     panels = [("psnr_db", "PSNR vs sequential (dB)"), ("ssim", "SSIM vs sequential")]
@@ -123,9 +116,8 @@ def _plot(rows: Sequence[Row], handle: Any) -> None:
     fig, grid = plt.subplots(rows_n, columns, figsize=(5.0 * columns, 3.8 * rows_n), squeeze=False)
     axes = [list(grid.flat)]
     floor = next((r for r in rows if r["split"] == "real digits"), None)
-    styles = {"sequential": ("k", "*"), "auto": ("tab:blue", "o"), "hand": ("tab:orange", "s")}
     for ax, (key, label) in zip(axes[0], panels):
-        for split, (color, marker) in styles.items():
+        for split, (color, marker) in STYLES.items():
             points = [r for r in done if r["split"] == split]
             ys = [cap if key == "psnr_db" and math.isinf(r[key]) else r[key] for r in points]
             ax.scatter([r["predicted_speedup"] for r in points], ys, c=color, marker=marker, label=split,
@@ -150,5 +142,7 @@ def _plot(rows: Sequence[Row], handle: Any) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{done[0]['model']}: fidelity vs speedup, T={done[0]['steps']}" if done else "fidelity", fontsize=9)
     fig.tight_layout()
-    fig.savefig(handle, format="png", dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    return png.getvalue()

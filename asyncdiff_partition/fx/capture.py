@@ -18,7 +18,7 @@ import keyword
 import os
 import re
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,21 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.fx.pickling import dump_graph, load_graph
 
-__all__ = ["CaptureError", "CapturedModel", "InputSpec", "capture_model", "resolve_attr", "METHODS", "MODULE_KEY"]
+__all__ = [
+    "METHODS",
+    "MODULE_KEY",
+    "CallError",
+    "CaptureError",
+    "CapturedModel",
+    "InputSpec",
+    "capture_model",
+    "pack_captured",
+    "resolve_attr",
+    "restore_captured",
+]
 
 METHODS = ("fx", "export")
 MODULE_KEY = "asyncdiff_module"  # node.meta key: dotted path of the module a node came from
@@ -40,6 +52,10 @@ _WRAPPED = "model"  # attribute under which the flat wrapper holds the user's mo
 
 class CaptureError(AsyncDiffError, RuntimeError):
     """No capture method produced a graph that matches the model."""
+
+
+class CallError(AsyncDiffError, ValueError):
+    """A model call whose arguments do not fit the model or the captured call (structure, values, shapes)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,9 @@ class CapturedModel:
         method: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export, non-strict).
         attempts: ``(method, error message)`` of each method that was tried and failed first.
         example: the example tensors, one per input, as given at capture time.
+        treespec: the pytree structure of the bound model call (arguments by parameter name).
+        constants: the call's non-tensor leaves by leaf index; they must not change.
+        model: the original model, whose forward signature binds call arguments.
     """
 
     graph_module: torch.fx.GraphModule
@@ -80,8 +99,9 @@ class CapturedModel:
     method: str
     example: list[torch.Tensor] = field(default_factory=list)
     attempts: list[tuple[str, str]] = field(default_factory=list)
-    _treespec: Any = None
-    _constants: dict[int, Any] = field(default_factory=dict)
+    treespec: Any = None
+    constants: dict[int, Any] = field(default_factory=dict)
+    model: Any = None
 
     @property
     def latent(self) -> InputSpec:
@@ -89,31 +109,41 @@ class CapturedModel:
 
     def flatten(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """Model-call arguments → the graph's positional tensors (same structure as captured)."""
-        leaves, spec = pytree.tree_flatten(_bind(self._signature_model, args, _with_defaults(self._signature_model, kwargs)))
-        if spec != self._treespec:
-            raise ValueError(
+        leaves, spec = pytree.tree_flatten(_bind(self.model, args, _with_defaults(self.model, kwargs)))
+        if spec != self.treespec:
+            raise CallError(
                 "the call's argument structure differs from the captured one; pass the same "
                 "arguments (and nesting) as at capture time"
             )
-        for i, value in self._constants.items():
+        for i, value in self.constants.items():
             if leaves[i] != value:
-                raise ValueError(f"a non-tensor argument was captured as {value!r} but is now {leaves[i]!r}; capture again")
-        return [leaf for i, leaf in enumerate(leaves) if i not in self._constants]
+                raise CallError(f"a non-tensor argument was captured as {value!r} but is now {leaves[i]!r}; capture again")
+        return [leaf for i, leaf in enumerate(leaves) if i not in self.constants]
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.graph_module(*self.flatten(*args, **kwargs))
 
     def call_eager(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Run the original model (not the graph) on flat inputs: the eager baseline."""
-        return _call_model(self._signature_model, tensors, self._treespec, self._constants)
-
-    # The model whose forward signature binds the arguments; set by capture_model.
-    _signature_model: Any = None
+        return _call_model(self.model, tensors, self.treespec, self.constants)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from asyncdiff_partition.fx.shipping import reduce_captured  # Note [pickling a captured model]
+        return restore_captured, pack_captured(self)  # Note [pickling a captured model] (fx/pickling.py)
 
-        return reduce_captured(self)
+
+def pack_captured(captured: CapturedModel, stand_ins: Set[int] = frozenset()) -> tuple[bytes, list[Any]]:
+    """(graph blob, tensors) of a capture, for :func:`restore_captured`; weights whose ids are in
+    ``stand_ins`` become stand-ins (Note [weight stand-ins] in fx/pickling.py)."""
+    state = {"inputs": captured.inputs, "method": captured.method, "example": captured.example,
+             "attempts": captured.attempts, "treespec": captured.treespec, "constants": captured.constants,
+             "model": captured.model}
+    return dump_graph(captured.graph_module, state, meta_key=MODULE_KEY, stand_ins=stand_ins)
+
+
+def restore_captured(blob: bytes, tensors: list[torch.Tensor]) -> CapturedModel:
+    """The capture that :func:`pack_captured` packed, graph rebuilt node for node."""
+    gm, state = load_graph(blob, tensors, meta_key=MODULE_KEY)
+    return CapturedModel(graph_module=gm, **state)
 
 
 def capture_model(
@@ -146,17 +176,18 @@ def capture_model(
     Raises:
         CaptureError: every method failed; lists each method, its error and the model source
             line where it broke, with a hint.
-        ValueError: bad arguments (unknown method, no tensor input, unknown latent name).
+        CallError: the example call does not fit the model or has no tensor input.
+        ConfigError: an unknown method or latent name.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown capture method(s) {unknown or list(methods)}; choose from {list(METHODS)}")
+        raise ConfigError(f"unknown capture method(s) {unknown or list(methods)}; choose from {list(METHODS)}")
     kwargs = _with_defaults(model, kwargs or {})
     bound = _bind(model, tuple(args), kwargs)
     leaves_with_paths, treespec = pytree.tree_flatten_with_path(bound)
     tensors = [(i, _path_str(p), leaf) for i, (p, leaf) in enumerate(leaves_with_paths) if isinstance(leaf, torch.Tensor)]
     if not tensors:
-        raise ValueError("the example call has no tensor input; pass the latent and conditions as tensors")
+        raise CallError("the example call has no tensor input; pass the latent and conditions as tensors")
     constants = {i: leaf for i, (_, leaf) in enumerate(leaves_with_paths) if not isinstance(leaf, torch.Tensor)}
     latent_path = _pick_latent([path for _, path, _ in tensors], latent)
     names = _placeholder_names([path for _, path, _ in tensors])
@@ -179,7 +210,7 @@ def capture_model(
             continue
         return CapturedModel(
             graph_module=gm, inputs=specs, method=method, example=example, attempts=attempts,
-            _treespec=treespec, _constants=constants, _signature_model=model,
+            treespec=treespec, constants=constants, model=model,
         )
     raise CaptureError(_failure_message(type(model).__name__, attempts))
 
@@ -190,7 +221,7 @@ def capture_model(
 class _FlatCall(torch.nn.Module):
     """``forward(t0, t1, ...)`` → rebuild the model call from flat tensors → noise prediction."""
 
-    def __init__(self, model, names, treespec, constants):
+    def __init__(self, model: torch.nn.Module, names: list[str], treespec: Any, constants: dict[int, Any]) -> None:
         super().__init__()
         setattr(self, _WRAPPED, model)
         self._treespec, self._constants = treespec, constants
@@ -327,7 +358,7 @@ def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     try:
         return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
     except TypeError as error:
-        raise ValueError(f"the example arguments do not fit {type(model).__name__}.forward: {error}") from None
+        raise CallError(f"the example arguments do not fit {type(model).__name__}.forward: {error}") from None
 
 
 def _split_bound(model: torch.nn.Module, arguments: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -368,7 +399,7 @@ def _placeholder_names(paths: list[str]) -> list[str]:
 def _pick_latent(paths: list[str], latent: str | None) -> str:
     if latent is not None:
         if latent not in paths:
-            raise ValueError(f"latent {latent!r} is not a tensor input of the call; tensor inputs: {paths}")
+            raise ConfigError(f"latent {latent!r} is not a tensor input of the call; tensor inputs: {paths}")
         return latent
     for candidate in _LATENT_NAMES:
         if candidate in paths:

@@ -3,11 +3,18 @@
 Example::
 
     captured = capture_model(model, args, kwargs)
-    graph = build_op_graph(captured)
+    graph = build_op_graph(captured)                 # runs the graph once on the example inputs
+    graph = shaped_op_graph(captured)                # the same, on fake tensors for a large model
+    value_layouts(captured, ["add_3", "output"])     # recorded by the same pass
+
+The pass that sizes the values (:class:`TensorMetaProp`) also records each value's
+:class:`~asyncdiff_partition.runtime.layout.ValueLayout` under ``node.meta[META_KEY]``, so the
+layouts a rank allocates its receive buffers from cost no second pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,10 +23,12 @@ import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.graph import OpGraph
 from asyncdiff_partition.fx.capture import MODULE_KEY, CapturedModel
+from asyncdiff_partition.runtime.layout import ValueLayout
 
-__all__ = ["META_KEY", "TensorMetaProp", "build_op_graph", "value_bytes"]
+__all__ = ["META_KEY", "TensorMetaProp", "build_op_graph", "shaped_op_graph", "value_bytes", "value_layouts"]
 
-META_KEY = "asyncdiff"  # node.meta[META_KEY]: {"bytes", "shapes", "dtypes"} of the node's value
+META_KEY = "asyncdiff"  # node.meta[META_KEY]: {"bytes", "shapes", "dtypes", "layout"} of the node's value
+REAL_PASS_BYTES = 64 * 2**20  # see shaped_op_graph
 
 _KINDS = {"placeholder": "input", "get_attr": "constant", "output": "output"}
 
@@ -39,6 +48,7 @@ class TensorMetaProp(torch.fx.Interpreter):
             "bytes": value_bytes(result),
             "shapes": [list(t.shape) for t in tensors],
             "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+            "layout": ValueLayout.of(result),
         }
         return result
 
@@ -79,6 +89,42 @@ def build_op_graph(captured: CapturedModel, inputs: list[torch.Tensor] | None = 
         )
         edges.extend((src.name, node.name) for src in node.all_input_nodes)
     return OpGraph.from_nodes(nodes, edges)
+
+
+def shaped_op_graph(captured: CapturedModel) -> OpGraph:
+    """:func:`build_op_graph` on the example inputs' shapes, as cheaply as the model allows.
+
+    Fake tensors give shapes without compute or activation memory, at about a millisecond per
+    node; a model with under :data:`REAL_PASS_BYTES` of weights computes faster than that, so
+    it runs for real. A graph that fake tensors cannot run (data-dependent shapes) runs for real.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gm = captured.graph_module
+    weights = {id(t): t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()]}
+    if sum(weights.values()) >= REAL_PASS_BYTES:
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                return build_op_graph(captured, [mode.from_tensor(t) for t in captured.example])
+        except Exception:  # noqa: BLE001 - any failure: fall back to the real thing
+            pass
+    return build_op_graph(captured)
+
+
+def value_layouts(captured: CapturedModel, names: Iterable[str]) -> dict[str, ValueLayout]:
+    """The layouts of the named values, as the last :func:`build_op_graph` pass recorded them.
+
+    Raises:
+        KeyError: a name is not a node of the graph, or no op graph was built from this capture.
+    """
+    nodes = {node.name: node for node in captured.graph_module.graph.nodes}
+    found = {}
+    for name in names:
+        meta = nodes[name].meta.get(META_KEY)
+        if meta is None or "layout" not in meta:
+            raise KeyError(f"no layout recorded for {name!r}; build the op graph of this capture first")
+        found[name] = meta["layout"]
+    return found
 
 
 def _first_consumers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.Node]]:

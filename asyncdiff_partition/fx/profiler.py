@@ -9,12 +9,15 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
+from tqdm import tqdm
 
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.profile import (
     Profile,
     ProfileError,
@@ -23,6 +26,7 @@ from asyncdiff_partition.core.profile import (
 )
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.opgraph import build_op_graph
+from asyncdiff_partition.fx.split import split_graph
 
 __all__ = ["NodeTimer", "device_name", "library_versions", "profile_model", "time_each_segment", "time_segments"]
 
@@ -183,8 +187,6 @@ def device_name(dev: torch.device) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     versions = {"python": sys.version.split()[0], "torch": torch.__version__}
     for package in ("diffusers", "asyncdiff-partition"):
         try:
@@ -195,8 +197,6 @@ def library_versions() -> dict[str, str]:
 
 
 def _progress(total: int, enabled: bool, label: str) -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=total, disable=not enabled, desc=f"profiling {label}", unit="run", file=sys.stderr)
 
 
@@ -208,9 +208,7 @@ def time_segments(
     The segments are split from ``captured`` at ``boundaries`` (a plan's), run once in order to
     obtain every received value, then each is timed by itself.
     """
-    from asyncdiff_partition.fx.split import split_graph
-
-    segments = split_graph(captured, build_op_graph(captured), boundaries)
+    segments = split_graph(captured, place(build_op_graph(captured), boundaries))
     inputs = dict(zip((s.name for s in captured.inputs), captured.example))
     with torch.no_grad():
         return time_each_segment(segments, inputs, warmup=warmup, repeats=repeats)

@@ -116,36 +116,32 @@ def load_exported(out_dir: str | Path, *, threads: int = 1, optimization: str = 
 # --- sources ----------------------------------------------------------------------------------
 
 
-def _torch_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Segment], list[list[Any]]]:
+def _torch_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Any], list[list[Any]]]:
     from asyncdiff_partition.api import capture_spec
-    from asyncdiff_partition.fx.opgraph import build_op_graph
-    from asyncdiff_partition.fx.split import split_graph
-    from asyncdiff_partition.runtime.denoiser import check_plan
-    from asyncdiff_partition.runtime.job import plan_input_shapes
+    from asyncdiff_partition.fx.ready import ready_segments
+    from asyncdiff_partition.runtime.settings import plan_input_shapes
 
     shapes = plan_input_shapes(plan, plan_path)
     latent = next((s["shape"] for s in shapes or [] if s["latent"]), None)
     _, captured = capture_spec(spec, batch=latent[0] if latent else 2, sample_size=latent[-1] if latent else None)
-    check_plan(captured, plan, plan.world_size)
-    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
+    segments = ready_segments(captured, plan)
     return segments, _chain(segments, dict(zip((s.name for s in captured.inputs), captured.example)))
 
 
-def _onnx_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Segment], list[list[Any]]]:
+def _onnx_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Any], list[list[Any]]]:
     from asyncdiff_partition.onnx.model import load_onnx
     from asyncdiff_partition.onnx.profiler import example_feed
-    from asyncdiff_partition.onnx.segments import check_onnx_plan, split_onnx
-    from asyncdiff_partition.runtime.job import plan_input_shapes
+    from asyncdiff_partition.onnx.segments import ready_onnx_segments
+    from asyncdiff_partition.runtime.settings import plan_input_shapes
 
     shapes = plan_input_shapes(plan, plan_path) or []
     model = load_onnx(spec, input_shapes={s["name"]: s["shape"] for s in shapes},
                       latent=next((s["name"] for s in shapes if s["latent"]), None))
-    check_onnx_plan(model, plan, plan.world_size)
-    segments = split_onnx(model, plan.boundaries)
+    segments = ready_onnx_segments(model, plan)
     return segments, _chain(segments, {k: torch.from_numpy(v) for k, v in example_feed(model).items()})
 
 
-def _chain(segments: Sequence[Segment], inputs: dict[str, Any]) -> list[list[Any]]:
+def _chain(segments: Sequence[Any], inputs: dict[str, Any]) -> list[list[Any]]:
     """Each segment's real arguments: the inputs pushed through the segments before it."""
     values: dict[str, Any] = {}
     args = []

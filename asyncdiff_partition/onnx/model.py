@@ -27,11 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.graph import OpGraph
+from asyncdiff_partition.onnx.errors import OnnxModelError
+from asyncdiff_partition.onnx.shapes import make_static
 
 __all__ = [
     "CONTROL_FLOW",
@@ -49,10 +51,6 @@ OUTPUT = "output"  # the op-graph name of the model output (split.OUTPUT; assert
 LATENT_NAMES = ("sample", "latent", "latents", "hidden_states", "x", "x_t", "z", "noisy_latents")
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time")
 CONTROL_FLOW = ("If", "Loop", "Scan")
-
-
-class OnnxModelError(AsyncDiffError, ValueError):
-    """An ONNX file that cannot be used: unreadable, control flow, shapes not static, ..."""
 
 
 @dataclass
@@ -135,10 +133,9 @@ def load_onnx(
         raise OnnxModelError(f"ONNX model {path!r} has no inputs; a denoiser takes at least the latent")
     names = [v.name for v in inputs]
     latent_name = _pick(names, latent, LATENT_NAMES, "latent", path, required=True)
+    assert latent_name is not None  # required=True raises instead
     timestep_name = _pick(names, timestep, TIMESTEP_NAMES, "timestep", path, required=False)
     _name_nodes(proto)
-    from asyncdiff_partition.onnx.shapes import make_static
-
     proto, values = make_static(proto, latent=latent_name, batch=batch, size=size, input_shapes=input_shapes,
                                 path=path)
     return _build(path, proto, values, latent_name, timestep_name)
@@ -213,8 +210,6 @@ def _name_nodes(proto: onnx.ModelProto) -> None:
 
 
 def _nbytes(shape: Sequence[int], dtype: str) -> int:
-    import numpy as np
-
     return math.prod(shape) * np.dtype(dtype).itemsize if dtype != "bfloat16" else math.prod(shape) * 2
 
 

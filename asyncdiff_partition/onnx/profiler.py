@@ -33,10 +33,12 @@ import bisect
 import datetime
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -62,7 +64,7 @@ def onnxruntime() -> Any:
         ProfileError: onnxruntime is not installed.
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # an optional dependency: imported where it is needed, or reported missing
     except ImportError:
         raise ProfileError("onnxruntime is not installed; pip install 'asyncdiff-partition[onnx]'") from None
     return ort
@@ -259,8 +261,9 @@ def node_costs(events: Sequence[Mapping[str, Any]], order: Sequence[str], *,
         per_run[r][node] = per_run[r].get(node, 0.0) + ms + sum(pending[r])
         pending[r], last[r] = [], node
     for r, left in enumerate(pending):  # trailing unmatched events: to the last kernel of the run
-        if left and last[r] is not None:
-            per_run[r][last[r]] += sum(left)
+        kernel = last[r]
+        if left and kernel is not None:
+            per_run[r][kernel] += sum(left)
     samples = [[run.get(i, 0.0) for run in per_run] for i in range(len(order))]
     return samples, statistics.median(unmatched)
 
@@ -275,14 +278,10 @@ def _match(name: str, index: Mapping[str, int]) -> int | None:
 
 
 def _rss() -> int:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _version(package: str) -> str:
-    from importlib import metadata
-
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

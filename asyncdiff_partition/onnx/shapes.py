@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
 import onnx.shape_inference
+from onnx.reference import ReferenceEvaluator
 
-from asyncdiff_partition.onnx.model import OnnxModelError
+from asyncdiff_partition.onnx.errors import OnnxModelError
 
 __all__ = ["make_static"]
 
@@ -161,16 +163,14 @@ def _foldable(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto]) -
 def _evaluate(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto],
               opsets: Mapping[str, int]) -> onnx.TensorProto | None:
     """The node's value as a tensor, computed by onnx's reference evaluator; None if too big or failing."""
-    from onnx.reference import ReferenceEvaluator
-
     feeds = {name: onnx.numpy_helper.to_array(constants[name]) for name in node.input if name}
     try:
         (result,) = ReferenceEvaluator(node, opsets=dict(opsets)).run(None, feeds)
     except Exception:  # noqa: BLE001 - an op the reference evaluator lacks stays a node
         return None
-    if getattr(result, "size", _FOLD_ELEMENTS + 1) > _FOLD_ELEMENTS:
+    if not isinstance(result, (np.ndarray, np.generic)) or result.size > _FOLD_ELEMENTS:
         return None
-    return onnx.numpy_helper.from_array(result, "value")
+    return onnx.numpy_helper.from_array(np.asarray(result), "value")
 
 
 def _known_types(proto: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...] | None, int]]:

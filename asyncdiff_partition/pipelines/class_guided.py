@@ -6,7 +6,7 @@ pixel space. With guidance the denoiser sees a conditional + unconditional batch
 text-to-image: the requested labels first, then as many null labels, and the two halves of its
 output are mixed as ``uncond + scale * (cond - uncond)`` (Ho & Salimans, 2022).
 
-    pipe = ClassGuidedPipeline(unet=load_digits_model(), scheduler=digits_scheduler())
+    pipe = ClassGuidedPipeline(unet=load_digits_model(), scheduler=digits_scheduler())   # pipelines/digits.py
     images = pipe([0, 1, 2], guidance_scale=2.0, num_inference_steps=20).images   # PIL, mode "L"
 
 By convention the model's last class embedding (``num_class_embeds - 1``) is the null class:
@@ -15,40 +15,31 @@ the digits model is trained that way (:mod:`asyncdiff_partition.pipelines.digits
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from torch import Tensor
 
-try:
-    from diffusers import DiffusionPipeline as _DiffusionPipeline
-except ImportError:  # pragma: no cover - diffusers is a dependency
-    _DiffusionPipeline = object  # type: ignore[assignment,misc]
+from asyncdiff_partition.core.errors import ConfigError
 
-__all__ = ["ClassGuidedPipeline", "digits_scheduler", "to_pil"]
-
-
-def digits_scheduler() -> Any:
-    """DDIM on the betas the digits model was trained with (deterministic, eta 0)."""
-    from diffusers import DDIMScheduler
-
-    from asyncdiff_partition.pipelines.digits import SCHEDULER_CONFIG
-
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+__all__ = ["ClassGuidedPipeline", "to_pil"]
 
 
 def to_pil(images: Tensor) -> list[Any]:
     """(N, C, H, W) in [-1, 1] → 8-bit PIL images (mode "L" for one channel, else "RGB")."""
-    from PIL import Image
-
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arrays = pixels.permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
-class ClassGuidedPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
+class ClassGuidedPipeline(DiffusionPipeline):
     """Sample one image per class label from a class-conditional ``UNet2DModel``.
 
     Args:
@@ -90,18 +81,15 @@ class ClassGuidedPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
                 (the final sample in [-1, 1]).
 
         Raises:
-            ValueError: a label out of range, no labels, or an unknown ``output_type``.
+            ConfigError: a label out of range, no labels, or an unknown ``output_type``.
         """
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
         device = self._execution_device
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(device)
         if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= self.null_class:
-            raise ValueError(f"class labels must be in [0, {self.null_class}) and at least one; got "
+            raise ConfigError(f"class labels must be in [0, {self.null_class}) and at least one; got "
                              f"{labels.tolist()} (class {self.null_class} is the unconditional one)")
         if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
+            raise ConfigError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
         guided = guidance_scale > 1
         model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         cfg = self.unet.config
@@ -130,6 +118,4 @@ class ClassGuidedPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
 
 
 def _step_params(scheduler: Any) -> set[str]:
-    import inspect
-
     return set(inspect.signature(scheduler.step).parameters)

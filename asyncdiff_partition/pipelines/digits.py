@@ -20,6 +20,7 @@ exponential moving average of the trained ones.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import shlex
@@ -30,9 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from PIL import Image
 from torch import Tensor
+
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.files import FileFormatError, write_atomic
+from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline
 
 __all__ = [
     "CONFIG",
@@ -42,6 +51,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "TrainResult",
     "build_digits_unet",
+    "digits_scheduler",
     "load_digits_data",
     "load_digits_model",
     "save_digits_model",
@@ -71,6 +81,11 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, beta_schedule=
                                         beta_start=1e-4, beta_end=0.02)
 
 
+def digits_scheduler() -> DDIMScheduler:
+    """DDIM on the betas the digits model was trained with (deterministic, eta 0)."""
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What :func:`train` wrote and measured."""
@@ -85,7 +100,7 @@ class TrainResult:
 
 def load_digits_data() -> tuple[Tensor, Tensor]:
     """scikit-learn's digits as ``(images (N, 1, 16, 16) in [-1, 1], labels (N,) int64)``."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # about a second to import: only training and `eval` need it
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -95,8 +110,6 @@ def load_digits_data() -> tuple[Tensor, Tensor]:
 
 def build_digits_unet(seed: int = 0) -> torch.nn.Module:
     """The digits UNet with fresh random weights (seeded)."""
-    from diffusers import UNet2DModel
-
     torch.manual_seed(seed)
     return UNet2DModel(**CONFIG).float()
 
@@ -133,12 +146,10 @@ def train(
         log: receives a progress line every few hundred steps.
 
     Raises:
-        ValueError: a setting out of range.
+        ConfigError: a setting out of range.
     """
-    from diffusers import DDPMScheduler
-
     if steps < 1 or batch < 1 or lr <= 0 or not 0 <= label_dropout < 1 or not 0 <= ema_decay < 1:
-        raise ValueError(f"need steps >= 1, batch >= 1, lr > 0, label_dropout and ema_decay in [0, 1); got "
+        raise ConfigError(f"need steps >= 1, batch >= 1, lr > 0, label_dropout and ema_decay in [0, 1); got "
                          f"steps={steps}, batch={batch}, lr={lr}, label_dropout={label_dropout}, ema_decay={ema_decay}")
     images, labels = load_digits_data()
     model = build_digits_unet(seed).train()
@@ -190,19 +201,11 @@ def train(
 
 def save_digits_model(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, str]) -> tuple[Path, Path]:
     """Write ``digits-unet.safetensors`` (with ``meta`` in its header) and ``digits-unet.json``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     weights, config = out / WEIGHTS_FILE, out / CONFIG_FILE
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.chmod(0o644)  # safetensors writes 0600; an installed package must be readable by all
-    tmp.replace(weights)
-    tmp = config.with_suffix(".tmp")
-    tmp.write_text(model.to_json_string())
-    tmp.replace(config)
+    write_atomic(weights, safetensors.torch.save(state, metadata=meta))
+    write_atomic(config, model.to_json_string())  # type: ignore[operator]  # a diffusers ModelMixin
     return weights, config
 
 
@@ -210,41 +213,32 @@ def load_digits_model(directory: str | Path | None = None) -> torch.nn.Module:
     """The trained digits UNet (the shipped weights by default), in eval mode; no network.
 
     Raises:
-        ValueError: the folder lacks the weights or config, or they do not fit each other.
+        FileFormatError: the folder lacks the weights or config, or they do not fit each other.
     """
-    from diffusers import UNet2DModel
-    from safetensors.torch import load_file
-
     folder = Path(directory) if directory is not None else WEIGHTS_DIR
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     for path in (weights, config):
         if not path.is_file():
-            raise ValueError(f"the digits model needs {path}, which is missing; train it with "
+            raise FileFormatError(f"the digits model needs {path}, which is missing; train it with "
                              f"'python -m asyncdiff_partition.pipelines.digits train --out {folder}'")
     model = UNet2DModel.from_config(json.loads(config.read_text()))
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(safetensors.torch.load_file(str(weights)))
     except RuntimeError as error:
-        raise ValueError(f"{weights} does not fit {config}: {str(error).splitlines()[0]}") from None
+        raise FileFormatError(f"{weights} does not fit {config}: {str(error).splitlines()[0]}") from None
     return model.float().eval()
 
 
 def weights_metadata(directory: str | Path | None = None) -> dict[str, str]:
     """The training record stored in the weights file's header (steps, final loss, command, ...)."""
-    from safetensors import safe_open
-
     path = (Path(directory) if directory is not None else WEIGHTS_DIR) / WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
+    with safetensors.safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
 def save_grid(model: torch.nn.Module, path: str | Path, *, per_class: int = 10, steps: int = 20,
               guidance: float = 2.0, seed: int = 0, scale: int = 4) -> Path:
     """Sample ``per_class`` images of every digit and save them as a grid (one row per class)."""
-    from PIL import Image
-
-    from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline, digits_scheduler
-
     pipe = ClassGuidedPipeline(unet=model, scheduler=digits_scheduler())
     labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
     generator = torch.Generator().manual_seed(seed)
@@ -252,11 +246,10 @@ def save_grid(model: torch.nn.Module, path: str | Path, *, per_class: int = 10, 
     side, step = SIZE * scale, SIZE * scale + scale  # one source pixel of grey between tiles
     grid = Image.new("L", (per_class * step, NUM_CLASSES * step), 128)
     for i, picture in enumerate(pictures):
-        grid.paste(picture.resize((side, side), Image.NEAREST), ((i % per_class) * step, (i // per_class) * step))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
+        grid.paste(picture.resize((side, side), Image.Resampling.NEAREST), ((i % per_class) * step, (i // per_class) * step))
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    return write_atomic(path, png.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             model = load_digits_model(args.weights)
             path = save_grid(model, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed)
             print(f"wrote {path}")
-    except (ValueError, OSError) as error:
+    except (AsyncDiffError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

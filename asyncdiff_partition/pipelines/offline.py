@@ -16,26 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 import torch.fx
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from asyncdiff_partition.core.errors import ConfigError, UnsupportedError
 from asyncdiff_partition.fx.capture import CapturedModel, capture_model
-from asyncdiff_partition.pipelines import zoo
-from asyncdiff_partition.pipelines.wrap import _takes
+from asyncdiff_partition.pipelines import synthesis, zoo
+from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline
+from asyncdiff_partition.pipelines.wrap import takes_argument
 
 __all__ = ["BuiltPipeline", "PromptEmbedsPipeline", "build_pipeline", "capture_for_pipeline"]
 
 
 # --- offline pipelines around zoo models ------------------------------------------------------
 
-try:
-    from diffusers import DiffusionPipeline as _DiffusionPipeline
-except ImportError:  # pragma: no cover - diffusers is a dependency
-    _DiffusionPipeline = object  # type: ignore[assignment,misc]
-
-
-class PromptEmbedsPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
+class PromptEmbedsPipeline(DiffusionPipeline):
     """StableDiffusionPipeline's denoising loop, with the prompt given as embeddings.
 
     diffusers' ``StableDiffusionPipeline`` cannot be imported without ``transformers`` (its
@@ -48,8 +49,6 @@ class PromptEmbedsPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
     def __init__(self, unet: Any, vae: Any, scheduler: Any) -> None:
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
-        from diffusers.image_processor import VaeImageProcessor
-
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -69,9 +68,6 @@ class PromptEmbedsPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> Any:
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         height, width = height or h * self.vae_scale_factor, width or w * self.vae_scale_factor
@@ -89,7 +85,7 @@ class PromptEmbedsPipeline(_DiffusionPipeline):  # type: ignore[misc,valid-type]
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents * self.scheduler.init_noise_sigma
-        extra = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
+        extra = {"generator": generator} if takes_argument(self.scheduler.step, "generator") else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
@@ -130,11 +126,11 @@ class BuiltPipeline:
         """How many images make a denoiser batch of ``batch`` (the profiled one).
 
         Raises:
-            ValueError: guidance doubles the batch and ``batch`` is odd.
+            ConfigError: guidance doubles the batch and ``batch`` is odd.
         """
         per = 2 if self.kind != "unconditional" and guidance_scale > 1 else 1
         if batch % per:
-            raise ValueError(
+            raise ConfigError(
                 f"the plan was profiled at denoiser batch {batch}, which guidance {guidance_scale} cannot give "
                 f"(it doubles the batch: cond + uncond); use --guidance 1 or profile with an even --batch"
             )
@@ -150,7 +146,8 @@ class BuiltPipeline:
             if hasattr(self.pipe, "default_labels"):  # ClassGuidedPipeline: every class in turn
                 labels = self.pipe.default_labels(images)
             else:
-                labels = torch.randint(0, self.model.config.num_embeds_ada_norm, (images,),
+                config: Any = self.model.config
+                labels = torch.randint(0, config.num_embeds_ada_norm, (images,),
                                        generator=torch.Generator().manual_seed(self.seed)).tolist()
             out = self.pipe(class_labels=labels, guidance_scale=guidance_scale, **common)
         else:
@@ -199,31 +196,26 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
         model: the denoiser ``spec`` loads, already built (a capture's model, say).
 
     Raises:
-        TypeError: a denoiser class with no pipeline here (use :func:`denoise`).
-        ValueError: unknown model or a size the model cannot take.
+        UnsupportedError: a denoiser class with no pipeline here (use :func:`denoise`).
+        UnknownModelError: unknown model.
+        ConfigError: a size the model cannot take.
     """
-    import diffusers
-
     model = model if model is not None else zoo.load_model(spec, seed=seed)
     kind = type(model).__name__
     if kind not in _PIPELINES:
-        raise TypeError(
+        raise UnsupportedError(
             f"build_pipeline supports {', '.join(_PIPELINES)}, not {kind}; run other models with "
             "asyncdiff_partition.pipelines.wrap.denoise in a loop of your own"
         )
     if sample_size is not None:
-        from asyncdiff_partition.api import check_sample_size
-
         for size in (sample_size,) if isinstance(sample_size, int) else sample_size:
-            check_sample_size(model, size)
-        model.register_to_config(sample_size=sample_size)
+            zoo.check_sample_size(model, size)
+        model.register_to_config(sample_size=sample_size)  # type: ignore[operator]  # a diffusers ModelMixin
     directory = Path(spec) if spec not in zoo.list_models() else None
     torch.manual_seed(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
-    cfg = model.config
+    cfg: Any = model.config  # a diffusers FrozenDict read by attribute
     if kind == "UNet2DModel" and cfg.num_class_embeds is not None:  # class-conditional, guided
-        from asyncdiff_partition.pipelines.class_guided import ClassGuidedPipeline
-
         return BuiltPipeline(ClassGuidedPipeline(unet=model, scheduler=_scheduler(directory, {})), model, "class", seed)
     if kind == "UNet2DModel":
         scheduler = _scheduler(directory, {})
@@ -234,16 +226,16 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
         return BuiltPipeline(pipe, model, "class", seed)
     ctx = cfg.encoder_hid_dim or cfg.cross_attention_dim
     ctx = ctx if isinstance(ctx, int) else ctx[0]
-    text: dict[str, Any] = {name: torch.randn(1, zoo.TEXT_TOKENS, ctx, generator=gen)
+    text: dict[str, Any] = {name: torch.randn(1, synthesis.TEXT_TOKENS, ctx, generator=gen)
                             for name in ("prompt_embeds", "negative_prompt_embeds")}
     if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop ids
         h, w = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size
-        n_text = cfg.projection_class_embeddings_input_dim - zoo.SDXL_TIME_IDS * cfg.addition_time_embed_dim
+        n_text = cfg.projection_class_embeddings_input_dim - synthesis.SDXL_TIME_IDS * cfg.addition_time_embed_dim
         ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]], dtype=torch.float32)
         for name in ("added_cond_kwargs", "negative_added_cond_kwargs"):
             text[name] = {"text_embeds": torch.randn(1, n_text, generator=gen), "time_ids": ids}
     elif cfg.addition_embed_type is not None:
-        raise TypeError(f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} has no pipeline "
+        raise UnsupportedError(f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} has no pipeline "
                         "here; use asyncdiff_partition.pipelines.wrap.denoise")
     pipe = PromptEmbedsPipeline(unet=model, vae=vae, scheduler=_scheduler(directory, _SD_SCHEDULER))
     note = "diffusers' StableDiffusionPipeline needs transformers; PromptEmbedsPipeline runs its loop"
@@ -251,16 +243,12 @@ def build_pipeline(spec: str, *, seed: int = 0, sample_size: int | tuple[int, in
 
 
 def _vae(directory: Path | None) -> Any:
-    import diffusers
-
     if directory is not None and (directory / "vae" / "config.json").is_file():
         return diffusers.AutoencoderKL.from_pretrained(str(directory / "vae"), local_files_only=True).eval()
     return diffusers.AutoencoderKL(**_TINY_VAE).eval()
 
 
 def _scheduler(directory: Path | None, config: dict[str, Any]) -> Any:
-    import diffusers
-
     path = directory / "scheduler" / "scheduler_config.json" if directory is not None else None
     if path is not None and path.is_file():
         config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}

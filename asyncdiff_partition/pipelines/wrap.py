@@ -29,9 +29,20 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from asyncdiff_partition.fx.capture import CapturedModel, InputSpec
+from asyncdiff_partition.core.errors import UsageError
+from asyncdiff_partition.fx.capture import CallError, CapturedModel, InputSpec
 
-__all__ = ["DenoiserOutput", "ScheduledDenoiser", "denoise", "fit_inputs", "unwrap_pipeline", "wrap_pipeline"]
+__all__ = [
+    "DenoiserOutput",
+    "ScheduledDenoiser",
+    "call_binding",
+    "denoise",
+    "denoiser_name",
+    "fit_inputs",
+    "takes_argument",
+    "unwrap_pipeline",
+    "wrap_pipeline",
+]
 
 Inputs = dict[str, Tensor]  # model inputs by captured placeholder name
 
@@ -59,14 +70,14 @@ def fit_inputs(captured: CapturedModel, tensors: Sequence[Tensor]) -> Inputs:
     dtypes are cast to the captured ones. Any other shape difference is an error.
 
     Raises:
-        ValueError: a tensor's shape differs from the captured one (the latent, most often).
+        CallError: a tensor's shape differs from the captured one (the latent, most often).
     """
     out: Inputs = {}
     for spec, t in zip(captured.inputs, tensors):
         t = torch.as_tensor(t)
         if tuple(t.shape) != spec.shape:
             if t.numel() != 1:
-                raise ValueError(_shape_error(captured, spec, tuple(t.shape)))
+                raise CallError(_shape_error(captured, spec, tuple(t.shape)))
             t = t.reshape(()).expand(spec.shape)
         dtype = getattr(torch, spec.dtype)
         out[spec.name] = t if t.dtype == dtype else t.to(dtype)
@@ -90,26 +101,26 @@ def _bind_call(model: Any, captured: CapturedModel, args: tuple, kwargs: dict) -
     ``cross_attention_kwargs=None``): those are dropped, so the call has the captured structure.
     """
     kwargs.pop("return_dict", None)
-    captured_names = set(captured._treespec.context or ()) if captured._treespec is not None else set()
+    captured_names = set(captured.treespec.context or ()) if captured.treespec is not None else set()
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs).arguments
     except TypeError as error:
-        raise ValueError(f"the pipeline's call does not fit {type(model).__name__}.forward: {error}") from None
+        raise CallError(f"the pipeline's call does not fit {type(model).__name__}.forward: {error}") from None
     call: dict[str, Any] = {}
     for name, value in bound.items():
         param = signature.parameters[name]
         if param.kind == param.VAR_KEYWORD:
             call.update(value)
         elif param.kind == param.VAR_POSITIONAL:
-            raise ValueError(f"{type(model).__name__}.forward takes *{name}; call it with named arguments")
+            raise CallError(f"{type(model).__name__}.forward takes *{name}; call it with named arguments")
         elif name in captured_names or not (value is param.default or (value is None and param.default is None)):
             call[name] = value
     try:
         return captured.flatten(**call)
-    except ValueError as error:
+    except CallError as error:
         captured_paths = [spec.path for spec in captured.inputs]
-        raise ValueError(
+        raise CallError(
             f"{error}; this call passed {sorted(call)}, the captured call had tensors {captured_paths}"
         ) from None
 
@@ -142,6 +153,10 @@ class ScheduledDenoiser(torch.nn.Module):
         original: the module replaced; defaults to the captured model.
         timesteps: returns the current run's timesteps (``lambda: pipe.scheduler.timesteps``);
             without it, call :meth:`reset` before each run.
+        values: maps the run's timesteps to the values the loop feeds the denoiser, in the
+            pipeline's own form (t / 1000, sigmas: Note [timestep forms] in
+            :mod:`~asyncdiff_partition.pipelines.recording`); None entries are not checked.
+            Steps follow the call count, not the timestep's value.
     """
 
     def __init__(
@@ -151,15 +166,17 @@ class ScheduledDenoiser(torch.nn.Module):
         original: torch.nn.Module | None = None,
         *,
         timesteps: Callable[[], Any] | None = None,
+        values: Callable[[Any], Sequence[float | None] | None] | None = None,
     ) -> None:
         super().__init__()
-        original = original if original is not None else captured._signature_model
+        original = original if original is not None else captured.model
         param = next(original.parameters(), None) if isinstance(original, torch.nn.Module) else None
         # object.__setattr__: neither is a sub-module (see the class docstring).
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "denoiser", denoiser)
         self.captured = captured
         self._timesteps = timesteps
+        self._values = values
         self._dtype = param.dtype if param is not None else torch.float32
         self._device = param.device if param is not None else torch.device("cpu")
         self._run: Any = None  # the timesteps object of the current run
@@ -188,6 +205,9 @@ class ScheduledDenoiser(torch.nn.Module):
     def reset(self, timesteps: Sequence[float | int] | Tensor) -> None:
         """Start a new sampling run over ``timesteps`` (the loop's T timesteps, in order)."""
         steps = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
+        if self._values is not None:
+            fed = self._values(timesteps)
+            steps = list(fed) if fed is not None else [None] * len(steps)
         self.denoiser.reset(steps)
         self._run, self._steps, self.step = timesteps, steps, 0
         self.step_ms, self.step_spans = [], []
@@ -207,7 +227,7 @@ class ScheduledDenoiser(torch.nn.Module):
     def _maybe_reset(self) -> None:
         if self._timesteps is None:
             if self._run is None:
-                raise RuntimeError("ScheduledDenoiser has no timesteps source: call .reset(timesteps) before a run")
+                raise UsageError("ScheduledDenoiser has no timesteps source: call .reset(timesteps) before a run")
             if self.step >= len(self._steps):
                 self.reset(self._run)
             return
@@ -229,42 +249,79 @@ class ScheduledDenoiser(torch.nn.Module):
         return list(self.step_spans)
 
 
-_DENOISER_ATTRS = ("unet", "transformer")
-
-
-def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel) -> Any:
-    """Put ``denoiser`` in place of ``pipe.unet`` or ``pipe.transformer``; returns ``pipe``.
+def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel, *, name: str | None = None,
+                  form: str | None = "t") -> Any:
+    """Put ``denoiser`` in place of the pipeline's denoiser; returns ``pipe``.
 
     The pipeline's unmodified ``__call__`` then runs the schedule; one sampling run per call.
 
     Example:
         >>> wrap_pipeline(pipe, ReferenceSchedule(segments, warmup=50), captured)  # doctest: +SKIP
 
+    Args:
+        name: the attribute to replace (a :class:`~asyncdiff_partition.pipelines.recording.Recording`'s
+            ``name``); default: the attribute holding the captured model (:func:`denoiser_name`).
+        form: how the loop's timestep relates to ``pipe.scheduler`` (Note [timestep forms]);
+            None: not checked.
+
     Raises:
-        TypeError: the pipeline has neither a ``unet`` nor a ``transformer`` module.
+        TypeError: no ``name`` and no attribute of the pipeline holds the captured model.
     """
-    name = _denoiser_attr(pipe)
+    from asyncdiff_partition.pipelines.recording import timestep_values
+
+    name = name or denoiser_name(pipe, captured.model)
     original = getattr(pipe, name)
     if isinstance(original, ScheduledDenoiser):
         original = original.original
-    setattr(pipe, name, ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps))
+    scheduled = ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps,
+                                  values=lambda _: timestep_values(pipe.scheduler, form))
+    setattr(pipe, name, scheduled)
     return pipe
 
 
 def unwrap_pipeline(pipe: Any) -> Any:
     """Undo :func:`wrap_pipeline`: the original denoiser back in place; returns ``pipe``."""
-    name = _denoiser_attr(pipe)
-    current = getattr(pipe, name)
-    if isinstance(current, ScheduledDenoiser):
-        setattr(pipe, name, current.original)
+    for name, current in list(vars(pipe).items()):
+        if isinstance(current, ScheduledDenoiser):
+            setattr(pipe, name, current.original)
     return pipe
 
 
-def _denoiser_attr(pipe: Any) -> str:
-    for name in _DENOISER_ATTRS:
-        if isinstance(getattr(pipe, name, None), torch.nn.Module):
-            return name
-    raise TypeError(f"{type(pipe).__name__} has neither a 'unet' nor a 'transformer' module to replace")
+def call_binding(captured: CapturedModel) -> CapturedModel:
+    """The capture without its graph and examples: what :class:`ScheduledDenoiser` needs to bind calls."""
+    from dataclasses import replace
+
+    empty = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    return replace(captured, graph_module=empty, example=[])
+
+
+def denoiser_name(pipe: Any, module: Any = None) -> str:
+    """The pipeline attribute holding ``module``: by identity, else the one component of its class;
+    without ``module``, the attribute holding a :class:`ScheduledDenoiser`.
+
+    Found, not named: no table of ``unet`` / ``transformer``; a pipeline's own call finds its
+    denoiser with :func:`~asyncdiff_partition.pipelines.recording.record_denoiser_call`.
+
+    Raises:
+        TypeError: no attribute (or several of the class) holds it.
+    """
+    found = list(vars(pipe).items())
+
+    def held(value: Any) -> Any:
+        return value.original if isinstance(value, ScheduledDenoiser) else value
+
+    same = [name for name, value in found if module is not None and held(value) is module]
+    if not same and module is not None:
+        same = [name for name, value in found if type(held(value)) is type(module)]
+    if module is None:
+        same = [name for name, value in found if isinstance(value, ScheduledDenoiser)]
+    if len(same) != 1:
+        raise TypeError(f"{len(same)} attributes of {type(pipe).__name__} hold a {type(module).__name__} denoiser "
+                        f"({same}); pass name= (the attribute to replace), or use parallelize(pipe, ...), which "
+                        "finds it from the pipeline's own call")
+    return same[0]
+
+
 
 
 # --- custom loops -----------------------------------------------------------------------------
@@ -323,19 +380,19 @@ def denoise(
         The final latent ``x_0``.
 
     Raises:
-        ValueError: inputs missing or unknown, or shapes that differ from the captured ones.
+        CallError: inputs missing or unknown, or shapes that differ from the captured ones.
     """
     names = [spec.name for spec in captured.inputs]
     latent = captured.latent.name
     expected = set(names) - {latent, timestep_input}
     if timestep_input not in names:
-        raise ValueError(f"timestep_input {timestep_input!r} is not a captured input; inputs: {names}")
+        raise CallError(f"timestep_input {timestep_input!r} is not a captured input; inputs: {names}")
     if set(cond) != expected:
-        raise ValueError(
+        raise CallError(
             f"cond must hold exactly the inputs {sorted(expected)} (by placeholder name); got {sorted(cond)}"
         )
     cfg = guidance_scale is not None and guidance_scale > 1
-    step_kwargs = {"generator": generator} if generator is not None and _takes(scheduler.step, "generator") else {}
+    step_kwargs = {"generator": generator} if generator is not None and takes_argument(scheduler.step, "generator") else {}
     steps = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
     if hasattr(denoiser, "reset"):
         denoiser.reset(steps)
@@ -349,11 +406,13 @@ def denoise(
         if eps.shape[1] == 2 * x.shape[1]:  # learned variance (DiT): keep the noise half
             eps = eps[:, : x.shape[1]]
         if cfg:
+            assert guidance_scale is not None  # cfg says so
             uncond, text = eps.chunk(2)
             eps = uncond + guidance_scale * (text - uncond)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
 
 
-def _takes(fn: Callable[..., Any], name: str) -> bool:
+def takes_argument(fn: Callable[..., Any], name: str) -> bool:
+    """True if ``fn`` has a parameter called ``name`` (e.g. a scheduler's ``step`` taking ``generator``)."""
     return name in inspect.signature(fn).parameters

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.pipelines.digits import load_digits_model
+from asyncdiff_partition.pipelines.synthesis import ModelInputs, synthesize_inputs
 
 Config = dict[str, Any]
 
@@ -37,14 +39,14 @@ Config = dict[str, Any]
 # stabilityai/stable-diffusion-xl-base-1.0, all unet/config.json); keys left out equal the
 # diffusers defaults, which those files also hold.
 
-_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
 _CONFIGS: dict[str, tuple[str, Config]] = {
     # --- tiny: for tests and demos -------------------------------------------------------
     "tiny-unet2d-condition": ("UNet2DConditionModel", dict(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 32, 64, 64), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        block_out_channels=(32, 32, 64, 64), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
         norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4),
         use_linear_projection=True,
     )),
@@ -71,14 +73,14 @@ _CONFIGS: dict[str, tuple[str, Config]] = {
     # --- full size: published architectures, random weights --------------------------------
     "sd15-unet": ("UNet2DConditionModel", dict(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
         act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768,
         attention_head_dim=8, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
         mid_block_scale_factor=1,
     )),
     "sd21-unet": ("UNet2DConditionModel", dict(  # 2.1-base (512 px); 2.1 (768 px) adds upcast
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
         act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024,
         attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, downsample_padding=1,
         flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
@@ -101,33 +103,12 @@ TINY_MODELS: tuple[str, ...] = tuple(n for n in _CONFIGS if n.startswith("tiny-"
 FULL_MODELS: tuple[str, ...] = tuple(n for n in _CONFIGS if not n.startswith("tiny-"))
 DEFAULT_MODEL = "digits"
 
-TEXT_TOKENS = 77  # CLIP's context length: the encoder_hidden_states length SD pipelines use
-SDXL_TIME_IDS = 6  # (orig h, orig w, crop top, crop left, target h, target w)
-
-_SUPPORTED = (
-    "UNet2DConditionModel",
-    "UNet2DModel",
-    "DiTTransformer2DModel",
-    "SD3Transformer2DModel",
-    "UNetSpatioTemporalConditionModel",
-)
-
-
-@dataclass
-class ModelInputs:
-    """Example inputs of a denoiser: call it as ``model(*inputs.args, **inputs.kwargs)``.
-
-    ``args`` holds the latent alone; every other input is in ``kwargs`` by name, with
-    ``return_dict=False`` so that diffusers models return a plain tuple.
-    """
-
-    args: tuple
-    kwargs: dict[str, Any]
-    latent: str  # the latent argument's name: "sample" or "hidden_states"
-
-
 class UnknownModelError(AsyncDiffError, ValueError):
     """A model spec that is neither a zoo name nor a local directory."""
+
+
+class ModelFolderError(AsyncDiffError, ValueError):
+    """A local model or pipeline directory that is missing or holds no loadable diffusers model."""
 
 
 def list_models() -> list[str]:
@@ -153,13 +134,9 @@ def build_model(name: str, *, seed: int = 0) -> torch.nn.Module:
         UnknownModelError: ``name`` is not in :func:`list_models`.
     """
     if name in TRAINED_MODELS:
-        from asyncdiff_partition.pipelines.digits import load_digits_model
-
         return load_digits_model()
     if name not in _CONFIGS:
         raise _unknown(name)
-    import diffusers
-
     class_name, config = _CONFIGS[name]
     torch.manual_seed(seed)
     model = getattr(diffusers, class_name)(**config)
@@ -179,155 +156,89 @@ def load_model(spec: str, *, seed: int = 0) -> torch.nn.Module:
 
     Raises:
         UnknownModelError: ``spec`` is neither a zoo name nor a path.
-        ValueError: the path is missing or holds no loadable model.
+        ModelFolderError: the path is missing or holds no loadable model.
     """
     if spec in _CONFIGS or spec in TRAINED_MODELS:
         return build_model(spec, seed=seed)
     path = Path(spec).expanduser()
     if not path.exists():
         if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
-            raise ValueError(
+            raise ModelFolderError(
                 f"model directory {spec!r} does not exist; pass a zoo name "
                 f"({', '.join(list_models())}) or a local diffusers model or pipeline directory "
                 "(hub ids are not downloaded)"
             )
         raise _unknown(spec)
     if not path.is_dir():
-        raise ValueError(f"{spec!r} is a file; expected a diffusers model or pipeline directory")
+        raise ModelFolderError(f"{spec!r} is a file; expected a diffusers model or pipeline directory")
     if (path / "config.json").is_file():
         return _load_model_folder(path)
     if (path / "model_index.json").is_file():
         for sub in ("unet", "transformer"):
             if (path / sub / "config.json").is_file():
                 return _load_model_folder(path / sub)
-        raise ValueError(
+        raise ModelFolderError(
             f"pipeline directory {str(path)!r} has no unet/ or transformer/ sub-folder with a "
             "config.json; expected the denoiser in one of those"
         )
-    raise ValueError(
+    raise ModelFolderError(
         f"directory {str(path)!r} has neither config.json nor model_index.json; expected a "
         "diffusers model folder (config.json) or pipeline folder (model_index.json)"
     )
 
 
 def _load_model_folder(path: Path) -> torch.nn.Module:
-    import diffusers
-
     config = json.loads((path / "config.json").read_text())
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    cls: Any = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ValueError(
+        raise ModelFolderError(
             f"{str(path / 'config.json')!r} names _class_name={class_name!r}, which is not a "
             "diffusers model class; expected e.g. UNet2DConditionModel"
         )
-    model = cls.from_pretrained(str(path), local_files_only=True)
+    loader: Any = cls  # a diffusers ModelMixin subclass
+    model = loader.from_pretrained(str(path), local_files_only=True)
     return model.float().eval()
+
+
+def check_sample_size(model: torch.nn.Module, size: int) -> None:
+    """Reject latent sizes the model's down-sampling or patching cannot divide.
+
+    Raises:
+        ConfigError: ``size`` is not positive or not a multiple of the model's down-sampling factor.
+    """
+    config = getattr(model, "config", None)
+    if size < 1:
+        raise ConfigError(f"latent size must be positive, got {size}")
+    if config is None:
+        return
+    factor = 1
+    if "block_out_channels" in config and "down_block_types" in config:
+        factor = 2 ** (len(config["down_block_types"]) - 1)
+    elif config.get("patch_size"):
+        factor = int(config["patch_size"])
+    if size % factor:
+        lower = max(factor, size - size % factor)
+        raise ConfigError(
+            f"latent size {size} does not fit {type(model).__name__}: it must be a multiple of "
+            f"{factor}; try {lower} or {lower + factor}"
+        )
 
 
 def example_inputs(
     model: torch.nn.Module, *, batch: int = 2, sample_size: int | None = None, seed: int = 0
 ) -> ModelInputs:
-    """Random inputs of the right shapes and dtypes for a diffusers denoiser.
+    """Random inputs of the right shapes and dtypes for a denoiser, made from its signature and config.
+
+    See :func:`~asyncdiff_partition.pipelines.synthesis.synthesize_inputs` (no class table).
 
     Args:
-        model: one of the supported diffusers classes (see the TypeError below).
+        model: a denoiser with a diffusers-style config.
         batch: batch size; 2 is one classifier-free-guidance pair.
         sample_size: latent height and width; defaults to ``model.config.sample_size``.
         seed: seed of the torch.Generator that draws every input.
 
     Raises:
-        TypeError: the model's class is not supported.
+        SynthesisError: an argument cannot be made from the config (one line naming it).
     """
-    kind = type(model).__name__
-    if kind not in _SUPPORTED:
-        raise TypeError(
-            f"example_inputs supports {', '.join(_SUPPORTED)}, not {kind}; "
-            "capture a custom model with capture_model(model, args, kwargs) directly"
-        )
-    cfg = model.config
-    size = sample_size if sample_size is not None else cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    param = next(model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(param)
-
-    def randint(high: int) -> torch.Tensor:
-        return torch.randint(0, high, (batch,), generator=gen).to(param.device)
-
-    # One timestep shared by the batch, as in a sampling loop.
-    t_long = torch.randint(0, 1000, (1,), generator=gen).expand(batch).to(param.device)
-    kwargs: dict[str, Any] = {}
-
-    if kind == "UNet2DConditionModel":
-        latent = "sample"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["timestep"] = t_long
-        ctx = cfg.encoder_hid_dim or cfg.cross_attention_dim
-        ctx = ctx if isinstance(ctx, int) else ctx[0]
-        kwargs["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, ctx)
-        if cfg.addition_embed_type == "text_time":
-            n_text = cfg.projection_class_embeddings_input_dim - SDXL_TIME_IDS * cfg.addition_time_embed_dim
-            ids = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=torch.float32)
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": randn(batch, n_text),
-                "time_ids": ids.expand(batch, -1).to(param),
-            }
-        elif cfg.addition_embed_type is not None:
-            raise TypeError(
-                f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} is not "
-                "supported (only None and 'text_time'); pass inputs to capture_model(model, args, kwargs)"
-            )
-        labels = _class_labels(cfg, batch, randint, randn)
-        if labels is not None:
-            kwargs["class_labels"] = labels
-    elif kind == "UNet2DModel":
-        latent = "sample"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["timestep"] = t_long
-        labels = _class_labels(cfg, batch, randint, randn)
-        if labels is not None:
-            kwargs["class_labels"] = labels
-    elif kind == "DiTTransformer2DModel":
-        latent = "hidden_states"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["timestep"] = t_long
-        kwargs["class_labels"] = randint(cfg.num_embeds_ada_norm)
-    elif kind == "SD3Transformer2DModel":
-        latent = "hidden_states"
-        x = randn(batch, cfg.in_channels, h, w)
-        kwargs["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, cfg.joint_attention_dim)
-        kwargs["pooled_projections"] = randn(batch, cfg.pooled_projection_dim)
-        # Flow matching: timestep = 1000 * sigma, a float.
-        kwargs["timestep"] = (torch.rand(1, generator=gen) * 1000).expand(batch).to(param)
-    else:  # UNetSpatioTemporalConditionModel
-        latent = "sample"
-        x = randn(batch, cfg.num_frames, cfg.in_channels, h, w)
-        # EDM preconditioning: c_noise = log(sigma) / 4 with sigma in [0.002, 700].
-        log_sigma = torch.empty(1).uniform_(-6.2146, 6.5511, generator=gen)
-        kwargs["timestep"] = (0.25 * log_sigma).expand(batch).to(param)
-        kwargs["encoder_hidden_states"] = randn(batch, 1, cfg.cross_attention_dim)  # CLIP image
-        n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
-        ids = torch.tensor([6.0, 127.0, 0.02] + [0.0] * max(0, n_ids - 3))[:n_ids]  # fps-1, motion, aug
-        kwargs["added_time_ids"] = ids.expand(batch, -1).to(param)
-
-    kwargs["return_dict"] = False
-    return ModelInputs(args=(x,), kwargs=kwargs, latent=latent)
-
-
-def _class_labels(cfg: Any, batch: int, randint: Any, randn: Any) -> torch.Tensor | None:
-    embed_type = getattr(cfg, "class_embed_type", None)
-    if embed_type is None and cfg.num_class_embeds is not None:
-        return randint(cfg.num_class_embeds)
-    if embed_type is None:
-        return None
-    if embed_type == "timestep":
-        return randint(1000)
-    if embed_type in ("projection", "simple_projection"):
-        return randn(batch, cfg.projection_class_embeddings_input_dim)
-    raise TypeError(
-        f"class_embed_type={embed_type!r} is not supported by example_inputs; pass inputs to "
-        "capture_model(model, args, kwargs) directly"
-    )
+    return synthesize_inputs(model, batch=batch, sample_size=sample_size, seed=seed)

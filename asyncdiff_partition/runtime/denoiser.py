@@ -1,10 +1,10 @@
-"""The asynchronous schedule on N ranks: one segment per rank, stale values sent point to point.
+"""The asynchronous schedule on N ranks: one ready segment per rank, stale values sent point to point.
 
 Example (every rank runs the same loop; see :func:`launch` for starting the ranks)::
 
     rank, world, device = comm.init()
-    denoiser = AsyncDenoiser(captured, Plan.load("plan.json"), warmup=1)
-    del captured, model                      # the denoiser keeps only this rank's segment
+    segment = shipped.load(slot_segment(rank, plan.n_devices))   # finished in the launching process
+    denoiser = AsyncDenoiser(segment, plan, input_names=names, latent="sample", warmup=1)
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
         eps = denoiser({"sample": x, "timestep": t.expand(2), "encoder_hidden_states": text})
@@ -13,7 +13,8 @@ Example (every rank runs the same loop; see :func:`launch` for starting the rank
 
 :class:`AsyncDenoiser` follows the table of Note [schedule] in :mod:`asyncdiff_partition.core.schedule`
 (rank = slot) and gives the same ε as :class:`~asyncdiff_partition.runtime.reference.ReferenceSchedule`
-at every step.
+at every step. It is handed a finished :class:`~asyncdiff_partition.runtime.layout.ReadySegment`
+(torch or ONNX alike): it builds no op graph and splits nothing.
 
 Note [transfers]
 ~~~~~~~~~~~~~~~~
@@ -22,7 +23,7 @@ stale values travel. When the main slots compute at step s, the value v that seg
 goes to every slot that reads it (:func:`~asyncdiff_partition.core.schedule.readers`: later slots of
 the same step in a warm-up chain, else every slot of the next step that computes) whose segment
 consumes v, once, by ``isend``. A reader posts the matching ``irecv`` when step s starts, into
-fresh buffers shaped from a shape-only (fake tensor) pass over the captured graph, and waits
+fresh buffers shaped from the segment's value layouts, and waits
 for it only when it needs the value: at once in a warm-up chain, else at the start of the next
 step that computes, so transfers overlap compute. Both sides walk the same table and the same
 value order (graph position), so sends and receives match without any handshake; a value that
@@ -32,268 +33,153 @@ is a list or tuple of tensors (an ``aten.chunk`` result, say) travels as its ten
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.fx
-import torch.utils._pytree as pytree
 from torch import Tensor
 
-from asyncdiff_partition.core.graph import OUTPUT, OpGraph
+from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.plan import Plan, PlanError
-from asyncdiff_partition.core.profile import fingerprint
 from asyncdiff_partition.core.schedule import (
     ScheduleError,
     Step,
     check_timestep_input,
     make_schedule,
-    n_slots,
     readers,
     slot_segment,
 )
-from asyncdiff_partition.fx.capture import CapturedModel
-from asyncdiff_partition.fx.opgraph import build_op_graph
-from asyncdiff_partition.fx.split import split_graph
+from asyncdiff_partition.fx.compile import compile_segment
+from asyncdiff_partition.fx.device_move import move_module
 from asyncdiff_partition.runtime import comm
+from asyncdiff_partition.runtime.layout import ReadySegment, tensor_leaves
 from asyncdiff_partition.runtime.reference import SamplingRun, check_inputs, step_inputs
 
-__all__ = ["AsyncDenoiser", "check_plan"]
-
-_REAL_PASS_BYTES = 64 * 2**20  # see _shape_pass
+__all__ = ["AsyncDenoiser", "check_agreement", "segment_for_rank"]
 
 
-# --- checks before any compute ---------------------------------------------------------------
+def segment_for_rank(segments: Sequence[ReadySegment], rank: int | None = None) -> ReadySegment:
+    """This rank's segment of a full list (rank r runs segment r; with stride 2 the extra rank
+    runs the last one)."""
+    return segments[slot_segment(comm.rank() if rank is None else rank, len(segments))]
 
 
-def check_plan(captured: CapturedModel, plan: Plan, world_size: int, *, stride: int | None = None) -> None:
-    """Refuse a plan that does not fit this model, these input shapes or this many ranks.
+def check_agreement(segment: ReadySegment, plan: Plan, timeout_s: float | None = None) -> None:
+    """Every rank must run the same plan on the same model: compare fingerprints and placements.
 
-    Example:
-        >>> check_plan(captured, Plan.load("plan.json"), world_size=2)  # doctest: +SKIP
-
-    Args:
-        captured: the model as this run captured it (its example inputs set the shapes).
-        plan: the plan to run.
-        world_size: number of ranks of this run.
-        stride: the stride to run with (default the plan's); stride 2 needs one extra rank.
+    One small all-gather (bounded by the process group's timeout), so a rank that captured
+    another model or read another plan is one clear error on every rank, not a hang.
 
     Raises:
-        PlanError: the world size is not N + stride - 1, or the plan's model fingerprint
-            (graph structure, sizes and input shapes, as the profile computed it) differs.
+        PlanError: the ranks disagree; the message names both sides.
     """
-    _checked_graph(captured, plan, world_size, plan.stride if stride is None else stride)
-
-
-def _checked_graph(captured: CapturedModel, plan: Plan, world_size: int, stride: int) -> OpGraph:
-    if stride not in (1, 2):
-        raise PlanError(f"stride must be 1 or 2, got {stride}")
-    needed = n_slots(plan.n_devices, stride)
-    if world_size != needed:
-        raise PlanError(
-            f"the plan splits {plan.model} into N={plan.n_devices} segments; with stride {stride} that needs "
-            f"N + stride - 1 = {needed} ranks, but this run has {world_size}; start {needed} processes "
-            f"(--nproc {needed}) or make a plan for {world_size - stride + 1} devices"
-        )
-    graph = _shape_pass(captured, lambda example: build_op_graph(captured, example))
-    specs = _input_specs(captured)
-    mine = fingerprint(graph, specs)
-    if mine != plan.fingerprint:
-        raise PlanError(
-            f"plan was made for model fingerprint {plan.fingerprint} ({plan.model}) but this model is {mine}: "
-            f"{_mismatch_hint(plan, graph, specs)}; re-run 'asyncdiff-partition profile' and 'plan' for this "
-            f"model and these shapes"
-        )
-    return graph
-
-
-def _input_specs(captured: CapturedModel) -> list[dict[str, Any]]:
-    # Exactly as profile_model records them: the fingerprint hashes this list.
-    return [s.to_dict() for s in captured.inputs]
-
-
-def _mismatch_hint(plan: Plan, graph: OpGraph, specs: list[dict[str, Any]]) -> str:
-    """Which of model and shapes differ, as far as the plan (and its profile file) tell."""
-    shapes = ", ".join(f"{s['name']} {tuple(s['shape'])} {s['dtype']}" for s in specs)
-    try:
-        with open(plan.profile.get("path") or "", encoding="utf-8") as file:
-            profiled = json.load(file)["inputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        profiled = None
-    if profiled is not None:
-        changed = [f"{p['name']} {tuple(p['shape'])} -> {tuple(s['shape'])}"
-                   for p, s in zip(profiled, specs) if p["name"] == s["name"] and list(p["shape"]) != list(s["shape"])]
-        if changed and len(profiled) == len(specs):
-            return f"the input shapes differ from the profiled ones ({'; '.join(changed)})"
-    if graph.order and plan.boundaries and plan.boundaries[-1] != len(graph):
-        return f"it is another model: its graph has {len(graph)} nodes, the plan's {plan.boundaries[-1]}"
-    return f"another model, or input shapes other than the profiled ones (these: {shapes})"
-
-
-def _shape_pass(captured: CapturedModel, fn: Callable[[list[Tensor]], Any]) -> Any:
-    """``fn(example inputs)`` for the shapes of every value, as cheaply as the model allows.
-
-    Fake tensors give shapes without compute or activation memory, at about a millisecond per
-    node; a model with under :data:`_REAL_PASS_BYTES` of weights computes faster than that, so
-    it runs for real. A graph that fake tensors cannot run (data-dependent shapes) runs for real.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    gm = captured.graph_module
-    weights = {id(t): t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()]}
-    if sum(weights.values()) < _REAL_PASS_BYTES:
-        return fn(list(captured.example))
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            return fn([mode.from_tensor(t) for t in captured.example])
-    except Exception:  # noqa: BLE001 - any failure: fall back to the real thing
-        return fn(list(captured.example))
-
-
-# --- shapes of received values ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """A tensor leaf of a transferred value."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a value is made of tensor leaves (and constant leaves, which never travel)."""
-
-    spec: Any  # pytree.TreeSpec
-    leaves: tuple[Any, ...]  # _Slot or a constant
-
-    def empty(self, device: torch.device) -> list[Tensor]:
-        return [torch.empty(leaf.shape, dtype=leaf.dtype, device=device) for leaf in self.leaves
-                if isinstance(leaf, _Slot)]
-
-    def build(self, tensors: list[Tensor]) -> Any:
-        it = iter(tensors)
-        return pytree.tree_unflatten([next(it) if isinstance(leaf, _Slot) else leaf for leaf in self.leaves], self.spec)
-
-
-class _LayoutProp(torch.fx.Interpreter):
-    """Records the :class:`_Layout` of the named nodes' values (the output node is ``output``)."""
-
-    def __init__(self, gm: torch.fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names, self.layouts = names, {}
-
-    def run_node(self, node: torch.fx.Node) -> Any:
-        result = super().run_node(node)
-        if node.name in self.names:
-            leaves, spec = pytree.tree_flatten(result)
-            self.layouts[node.name] = _Layout(spec, tuple(
-                _Slot(tuple(x.shape), x.dtype) if isinstance(x, Tensor) else x for x in leaves))
-        return result
-
-
-def _value_layouts(captured: CapturedModel, names: Sequence[str]) -> dict[str, _Layout]:
-    def run(example: list[Tensor]) -> dict[str, _Layout]:
-        prop = _LayoutProp(captured.graph_module, set(names))
-        with torch.no_grad():
-            prop.run(*example)
-        return prop.layouts
-
-    return _shape_pass(captured, run)
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    return [x.contiguous() for x in pytree.tree_leaves(value) if isinstance(x, Tensor)]
-
-
-# --- the runtime -----------------------------------------------------------------------------
+    mine = (plan.fingerprint, segment.fingerprint, segment.placement.digest())
+    everyone = comm.all_gather_object(mine, "plan and placement of every rank", timeout_s)
+    first = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs != first:
+            raise PlanError(
+                f"the ranks do not run the same plan: rank 0 has plan fingerprint {first[0]}, model {first[1]}, "
+                f"placement {first[2]}, but rank {rank} has {theirs[0]}, {theirs[1]}, {theirs[2]}; start every rank "
+                f"with the same plan file, model and input shapes"
+            )
 
 
 class AsyncDenoiser:
     """This rank's part of the asynchronous schedule; implements ``StepDenoiser``.
 
-    Construct it on every rank after :func:`asyncdiff_partition.runtime.self._comm.init`, with the same
-    captured model and plan everywhere. Set-up checks the plan (:func:`check_plan`), splits the
-    graph and keeps only this rank's segment (rank r runs segment r; with stride 2 the extra
-    rank N runs the last segment), moved to this rank's device. Nothing else of ``captured`` is
-    kept, so once the caller drops its own references (``del captured, model``, and the
-    pipeline's, e.g. ``pipe.unet = None``) the other segments' weights are freed.
+    Construct it on every rank after :func:`asyncdiff_partition.runtime.comm.init`, each with its
+    own finished segment (:func:`~asyncdiff_partition.fx.ready.ready_segments` for torch,
+    :func:`~asyncdiff_partition.onnx.segments.ready_onnx_segments` for ONNX, or a shipped file
+    of :mod:`~asyncdiff_partition.fx.shipping`). Set-up checks that the segment is this rank's and
+    was made for this plan and this world size, that every rank agrees (:func:`check_agreement`),
+    and moves the module to this rank's device. It keeps nothing but the segment.
 
     ``warmup`` and ``time_shift`` may be changed between runs; they take effect at
     :meth:`reset`.
 
     Args:
-        captured: the model captured on this rank (same model and shapes as the plan's); or a
-            model of another framework with ``inputs``, ``latent`` and ``split_for_plan(plan,
-            world_size, stride) -> (op graph, segments, value layouts)``, which checks the plan
-            and brings its own segments (:class:`~asyncdiff_partition.onnx.segments.OnnxCapture`).
-        plan: the plan; its boundaries, N, and by default its stride and warm-up.
+        segment: this rank's ready segment (slot ``r`` runs segment ``min(r, N - 1)``).
+        plan: the plan; its N, and by default its stride and warm-up.
+        input_names: every model input name, in order (``captured.inputs[i].name``).
+        latent: the latent input's name (ε comes back on its device).
         warmup: W exact warm-up steps (default ``plan.warmup``).
         stride: 1 or 2 (default ``plan.stride``); the world size must be N + stride - 1.
         time_shift: condition async steps on the previous step's timestep.
         timestep_input: name of the timestep placeholder.
         timeout_s: bound on every wait for another rank (default: the process group's).
-        warm_up: run this rank's segment once at set-up on the capture's example inputs (zeros
-            for received values), so that the first step does not pay for first-time
-            allocations (0.3-0.4 s per rank for SD 1.5 on CPU).
-        group: run among these ranks only (a :class:`~asyncdiff_partition.runtime.groups.GroupComm`
-            of a batch group); default all ranks.
+        example: model inputs by name to run the segment once at set-up (zeros for received
+            values), so that the first step does not pay for first-time allocations (0.3-0.4 s
+            per rank for SD 1.5 on CPU); None skips it.
+        compile: run this rank's segment through ``torch.compile``
+            (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at set-up by
+            the warm-up run).
+        group: run among these ranks only (a :class:`~asyncdiff_partition.runtime.comm.Group`, a
+            hybrid plan's batch group, :mod:`~asyncdiff_partition.runtime.groups`); default all ranks.
         phases: an object whose ``mask`` is the exactness mask decided so far (Note [phases],
             :class:`~asyncdiff_partition.runtime.policy.PhasePolicy`); default the warm-up.
 
     Raises:
         RuntimeError: the process group is not set up.
-        PlanError: see :func:`check_plan`.
+        PlanError: another plan's or another rank's segment, the wrong world size, or ranks
+            that disagree.
         ScheduleError: bad warm-up, or stride 2 / time_shift without a timestep input.
     """
 
+    _inbox: list[tuple[int, str, int, list[Tensor], list[Any]]]  # posted receives: (step, value, source, buffers, works)
+
     def __init__(
         self,
-        captured: CapturedModel,
+        segment: ReadySegment,
         plan: Plan,
         *,
+        input_names: Sequence[str],
+        latent: str,
         warmup: int | None = None,
         stride: int | None = None,
         time_shift: bool = False,
         timestep_input: str = "timestep",
         timeout_s: float | None = None,
-        warm_up: bool = True,
-        group: Any = None,
+        example: Mapping[str, Tensor] | None = None,
+        compile: bool = False,
+        group: comm.Group | None = None,
         phases: Any = None,
     ):
-        self._comm = comm if group is None else group  # a batch group's ranks (runtime.groups)
+        self._comm: Any = comm if group is None else group  # a batch group's ranks (runtime.groups)
         self.phases = phases  # a switching policy's mask (runtime.policy), re-read every step
         self.rank, self.world_size, self.device = self._comm.rank(), self._comm.world_size(), self._comm.device()
         self.n_segments = plan.n_devices
         self.stride = plan.stride if stride is None else stride
         self.warmup = plan.warmup if warmup is None else warmup
         self.time_shift, self.timestep_input, self.timeout_s = time_shift, timestep_input, timeout_s
-        self._input_names = [spec.name for spec in captured.inputs]
-        self._latent = captured.latent.name
+        self._input_names = list(input_names)
+        self._latent = latent
+        if group is None and plan.batch_parallel > 1:
+            raise PlanError(f"the plan has batch_parallel={plan.batch_parallel} batch groups; run it with "
+                            f"runtime.hybrid.HybridDenoiser (AsyncDenoiser runs one group's schedule)")
+        plan.check_world_size(self.world_size, self.stride, batch_parallel=1)  # this group's ranks
+        plan.check_fingerprint(segment.fingerprint, where="the segment's model")
+        expected = slot_segment(self.rank, self.n_segments)
+        if segment.index != expected or list(segment.placement.boundaries) != list(plan.boundaries):
+            raise PlanError(
+                f"rank {self.rank} runs segment {expected} of boundaries {plan.boundaries}, but was handed segment "
+                f"{segment.index} of boundaries {list(segment.placement.boundaries)}; give each rank "
+                f"segment_for_rank(segments) of this plan's segments"
+            )
         make_schedule(self.n_segments, 0, warmup=self.warmup, stride=self.stride)  # validates
         check_timestep_input(timestep_input, self._input_names, stride=self.stride, time_shift=time_shift)
-        ready = getattr(captured, "split_for_plan", None)  # ready-made segments (onnx_segments.OnnxCapture)
-        if ready is not None:
-            graph, segments, layouts = ready(plan, self.world_size, self.stride)
-        else:
-            graph = _checked_graph(captured, plan, self.world_size, self.stride)
-            segments, layouts = split_graph(captured, graph, plan.boundaries), None
-        position = graph.index
-        self._producer = {v: s.index for s in segments for v in s.outputs if v != OUTPUT}
-        self._consumers = {v: {s.index for s in segments if v in s.receives} for v in self._producer}
-        self._tag = {v: position[v] for v in self._producer}
-        segment = segments[slot_segment(self.rank, self.n_segments)]
-        del segments, graph  # this object keeps nothing else of captured (see the class docstring)
-        segment.module.to(self.device)
+        check_agreement(segment, plan, timeout_s)
+        if isinstance(segment.module, torch.nn.Module):
+            move_module(segment.module, self.device)  # stand-ins stay one element (fx.device_move)
+            if compile:
+                segment = dataclasses.replace(segment, module=compile_segment(segment.module, self.device))
+        # an ONNX segment runs where its session was made
         self._segment = segment
-        self._layouts = layouts if layouts is not None else _value_layouts(captured, [*segment.receives, OUTPUT])
-        example = getattr(captured, "example", None)
-        if warm_up and example:
-            self._warm_up({spec.name: t for spec, t in zip(captured.inputs, example)})
+        self._layouts = segment.layouts
+        if example:
+            self._warm_up(example)
         self._run: SamplingRun | None = None
         self._clock = time.time() - time.perf_counter()  # perf_counter -> seconds since the epoch
         self._reset_state()
@@ -320,6 +206,7 @@ class AsyncDenoiser:
         self._drain()
         self._comm.barrier("starting a sampling run")
         check_timestep_input(self.timestep_input, self._input_names, stride=self.stride, time_shift=self.time_shift)
+
         def remake() -> list[Step]:
             return make_schedule(self.n_segments, len(timesteps), warmup=self.warmup, stride=self.stride,
                                  time_shift=self.time_shift, exact=None if self.phases is None else self.phases.mask)
@@ -390,9 +277,9 @@ class AsyncDenoiser:
             return
         begin = time.perf_counter()
         for name in self._segment.receives:
-            src = self._producer[name]
+            src = self._segment.source(name)
             buffers = self._layouts[name].empty(self.device)
-            works = self._comm.irecv(buffers, src, tag=self._tag[name])
+            works = self._comm.irecv(buffers, src, tag=self._segment.tag(name))
             self._inbox.append((step.index, name, src, buffers, works))
         stats["comm_ms"] += self._span("post", stats, begin)
 
@@ -431,9 +318,10 @@ class AsyncDenoiser:
         for name in self._segment.outputs:
             if name == OUTPUT:
                 continue
-            tensors = _tensors(values[name])
-            for dst in sorted({w.slot for w in reading if w.segment in self._consumers[name]} - {self.rank}):
-                self._sends.append((self._comm.isend(tensors, dst, tag=self._tag[name]), tensors, name, dst))
+            tensors = tensor_leaves(values[name])
+            consumers = self._segment.placement.consumers(name)
+            for dst in sorted({w.slot for w in reading if w.segment in consumers} - {self.rank}):
+                self._sends.append((self._comm.isend(tensors, dst, tag=self._segment.tag(name)), tensors, name, dst))
                 stats["bytes_sent"] += sum(t.numel() * t.element_size() for t in tensors)
         stats["comm_ms"] += self._span("send", stats, begin)
 
@@ -453,7 +341,7 @@ class AsyncDenoiser:
 
     def _reset_state(self) -> None:
         self._stale: dict[str, Any] = {}  # the newest received value of each name
-        self._inbox: list[tuple[int, str, int, list[Tensor], list[Any]]] = []
+        self._inbox = []
         self._sends: list[tuple[list[Any], list[Tensor], str, int]] = []
         self._kept: dict[int, Tensor] = {}  # step -> this rank's model output, broadcast later
         self._report: list[dict[str, Any]] = []

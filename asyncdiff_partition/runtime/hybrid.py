@@ -1,10 +1,13 @@
 """Hybrid parallelism on B x (N + S - 1) ranks: batch groups, each running the segment schedule on its slice.
 
-Example (every rank runs the same loop; ``captured`` is the denoiser captured at the *sliced*
-batch, batch / B, and the plan was made from that capture's profile)::
+Example (every rank runs the same loop; ``captured_slice`` is the denoiser captured at the
+*sliced* batch, batch / B, and the plan was made from that capture's profile)::
 
     comm.init()
-    denoiser = HybridDenoiser(captured_slice, Plan.load("plan.json"))   # plan.batch_parallel = B
+    plan = Plan.load("plan.json")                                       # plan.batch_parallel = B
+    segments = ready_segments(captured_slice, plan, world_size=comm.world_size())
+    denoiser = HybridDenoiser(segment_for_hybrid_rank(segments, plan), plan,
+                              input_names=[s.name for s in captured_slice.inputs], latent="sample")
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
         eps = denoiser(inputs_at_the_full_batch)       # the same whole ε on every rank
@@ -29,26 +32,36 @@ from typing import Any
 
 from torch import Tensor
 
-from asyncdiff_partition.core.plan import Plan, PlanError
-from asyncdiff_partition.core.schedule import n_slots, world_size
+from asyncdiff_partition.core.graph import OUTPUT
+from asyncdiff_partition.core.plan import Plan
+from asyncdiff_partition.core.schedule import n_slots, slot_segment
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.batch import split_batch
 from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
 from asyncdiff_partition.runtime.groups import make_groups
+from asyncdiff_partition.runtime.layout import ReadySegment, TensorSlot
 from asyncdiff_partition.runtime.policy import PhasePolicy, check_phases
 
-__all__ = ["HybridDenoiser"]
+__all__ = ["HybridDenoiser", "segment_for_hybrid_rank"]
+
+
+def segment_for_hybrid_rank(segments: Sequence[ReadySegment], plan: Plan, rank: int | None = None,
+                            stride: int | None = None) -> ReadySegment:
+    """This rank's segment under a hybrid plan: its slot within its batch group (module docstring)."""
+    slot = (comm.rank() if rank is None else rank) % n_slots(plan.n_devices, plan.stride if stride is None else stride)
+    return segments[slot_segment(slot, len(segments))]
 
 
 class HybridDenoiser:
     """This rank's part of a hybrid plan; implements ``StepDenoiser``.
 
     Args:
-        captured: the model captured on this rank at the sliced batch (batch / B rows).
+        segment: this rank's ready segment, made from the model captured at the sliced batch
+            (batch / B rows; :func:`segment_for_hybrid_rank`).
         plan: the plan (``batch_parallel`` B, N, S, W, ``phases``).
         phases: the switching policy (default ``plan.phases``; None there: the warm-up).
-        warmup, stride, time_shift, timestep_input, timeout_s, warm_up: as for
-            :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser`.
+        input_names, latent, warmup, stride, time_shift, timestep_input, timeout_s, example,
+            compile: as for :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser`.
         batch_parallel: B (default ``plan.batch_parallel``).
         branches: guidance branches in the batch, for the adaptive policy's delta (default max(B, 2)).
 
@@ -60,38 +73,36 @@ class HybridDenoiser:
 
     def __init__(
         self,
-        captured: Any,
+        segment: ReadySegment,
         plan: Plan,
         *,
+        input_names: Sequence[str],
+        latent: str,
         phases: Mapping[str, Any] | None = None,
         warmup: int | None = None,
         stride: int | None = None,
         time_shift: bool = False,
         timestep_input: str = "timestep",
         timeout_s: float | None = None,
-        warm_up: bool = True,
+        example: Mapping[str, Tensor] | None = None,
+        compile: bool = False,
         batch_parallel: int | None = None,
         branches: int | None = None,
     ):
-        self.batch_parallel = getattr(plan, "batch_parallel", 1) if batch_parallel is None else batch_parallel
+        self.batch_parallel = plan.batch_parallel if batch_parallel is None else batch_parallel
         stride = plan.stride if stride is None else stride
         warmup = plan.warmup if warmup is None else warmup
-        size = n_slots(plan.n_devices, stride)
-        needed = world_size(plan.n_devices, stride, self.batch_parallel)
-        if comm.world_size() != needed:
-            raise PlanError(
-                f"a hybrid plan of B={self.batch_parallel} groups of N={plan.n_devices} segments with stride {stride} "
-                f"needs B x (N + S - 1) = {needed} ranks, but this run has {comm.world_size()}; start {needed} "
-                f"processes or plan for {comm.world_size()} devices"
-            )
-        self.groups = make_groups(self.batch_parallel, size)
-        self.policy = PhasePolicy(getattr(plan, "phases", None) if phases is None else phases, warmup=warmup,
+        plan.check_world_size(comm.world_size(), stride, batch_parallel=self.batch_parallel)
+        self.groups = make_groups(self.batch_parallel, n_slots(plan.n_devices, stride))
+        self.policy = PhasePolicy(plan.phases if phases is None else phases, warmup=warmup,
                                   stride=stride, branches=branches or max(self.batch_parallel, 2))
-        self._latent = captured.latent.name
-        self._rows = int(captured.latent.shape[0]) if getattr(captured.latent, "shape", None) else None
-        self.inner = AsyncDenoiser(captured, plan, warmup=warmup, stride=stride, time_shift=time_shift,
-                                   timestep_input=timestep_input, timeout_s=timeout_s, warm_up=warm_up,
-                                   group=self.groups.group, phases=self.policy)
+        self._latent = latent
+        eps = next(iter(segment.layouts[OUTPUT].leaves), None)  # ε has the captured (sliced) rows
+        self._rows = int(eps.shape[0]) if isinstance(eps, TensorSlot) and eps.shape else None
+        self.inner = AsyncDenoiser(segment, plan, input_names=input_names, latent=latent, warmup=warmup,
+                                   stride=stride, time_shift=time_shift, timestep_input=timestep_input,
+                                   timeout_s=timeout_s, example=example, compile=compile, group=self.groups.group,
+                                   phases=self.policy)
         self._gather_bytes: list[int] = []
 
     @property

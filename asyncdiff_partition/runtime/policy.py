@@ -38,52 +38,10 @@ from typing import Any
 
 from torch import Tensor
 
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.phases import KINDS, PhaseError, check_phases
 from asyncdiff_partition.core.schedule import decided_ahead, exact_mask
 
-__all__ = ["KINDS", "PhaseError", "PhasePolicy", "check_phases", "guidance_delta"]
-
-KINDS = ("warmup", "fixed", "adaptive")
-_KEYS = {"warmup": set(), "fixed": {"async_steps"}, "adaptive": {"threshold", "exit", "patience", "final_exact"}}
-
-
-class PhaseError(AsyncDiffError, ValueError):
-    """A switching policy that is malformed, or that cannot be measured on this batch."""
-
-
-def check_phases(phases: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The policy spec, validated, with defaults filled in (None: exact warm-up, then async to the end).
-
-    Raises:
-        PhaseError: an unknown kind or key, or a value out of range.
-    """
-    spec = dict(phases or {"kind": "warmup"})
-    kind = spec.get("kind")
-    if kind not in KINDS:
-        raise PhaseError(f"phases kind must be one of {list(KINDS)}, got {kind!r}; e.g. "
-                         f'{{"kind": "fixed", "async_steps": [1, 15]}}')
-    unknown = set(spec) - _KEYS[kind] - {"kind"}
-    if unknown:
-        raise PhaseError(f"phases of kind {kind!r} take {sorted(_KEYS[kind])}, not {sorted(unknown)}")
-    if kind == "fixed":
-        window = spec.get("async_steps")
-        if not (isinstance(window, list | tuple) and len(window) == 2 and 0 <= window[0] <= window[1]):
-            raise PhaseError(f"fixed phases need async_steps [start, end) with 0 <= start <= end, got {window!r}")
-        spec["async_steps"] = [int(window[0]), int(window[1])]
-    if kind == "adaptive":
-        spec.setdefault("exit", None)
-        spec.setdefault("patience", 1)
-        spec.setdefault("final_exact", 0)
-        threshold, exit_ = spec.get("threshold"), spec["exit"]
-        if not isinstance(threshold, int | float) or threshold <= 0:
-            raise PhaseError(f"adaptive phases need a threshold > 0 on the guidance delta, got {threshold!r}")
-        if exit_ is not None and exit_ < threshold:
-            raise PhaseError(f"adaptive exit {exit_} is under the threshold {threshold}: it would switch off at "
-                             f"once; use an exit >= threshold, or none")
-        if spec["patience"] < 1 or spec["final_exact"] < 0:
-            raise PhaseError(f"need patience >= 1 and final_exact >= 0, got {spec['patience']}, {spec['final_exact']}")
-    return spec
-
+__all__ = ["KINDS", "PhaseError", "PhasePolicy", "check_phases", "guidance_delta"]  # the spec: core.phases
 
 def guidance_delta(eps: Tensor, branches: int) -> float | None:
     """Relative mean absolute difference of the guidance branches' ε (Note [adaptive phases]).

@@ -2,8 +2,8 @@
 
 Example::
 
-    segments = split_graph(captured, build_op_graph(captured), plan.boundaries)
-    denoiser = ReferenceSchedule(segments, warmup=1, stride=1)
+    segments = split_graph(captured, place(build_op_graph(captured), plan.boundaries))
+    denoiser = ReferenceSchedule(segments, warmup=1, stride=1)       # or ready_segments(captured, plan)
     denoiser.reset(scheduler.timesteps)
     for t in scheduler.timesteps:
         eps = denoiser({"sample": x, "timestep": t.expand(2), "encoder_hidden_states": text})
@@ -16,15 +16,17 @@ in one process; every distributed runtime must give the same ε at every step.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
-from asyncdiff_partition.fx.split import Segment
+from asyncdiff_partition.fx.compile import compile_segment, module_device
 from asyncdiff_partition.runtime.batch import split_batch
+from asyncdiff_partition.runtime.layout import RunnableSegment
 from asyncdiff_partition.runtime.policy import PhasePolicy
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
@@ -38,6 +40,14 @@ class StepDenoiser(Protocol):
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """ε for the next step, from the model inputs by captured placeholder name."""
+
+
+def _compiled(segment: RunnableSegment) -> Any:
+    """``segment`` (a dataclass: a split or a ready segment) with its torch module compiled."""
+    module = segment.module
+    if not isinstance(module, torch.nn.Module):  # an ONNX segment: onnxruntime already optimises it
+        return segment
+    return replace(cast(Any, segment), module=compile_segment(module, module_device(module)))
 
 
 def step_inputs(inputs: Mapping[str, Tensor], timestep_input: str, value: float | int | None) -> dict[str, Tensor]:
@@ -55,7 +65,8 @@ class ReferenceSchedule:
     a segment would receive over the network are read from this object's state instead.
 
     Args:
-        segments: from :func:`~asyncdiff_partition.fx.split.split_graph`, in order.
+        segments: in order: split ones (:func:`~asyncdiff_partition.fx.split.split_graph`,
+            :func:`~asyncdiff_partition.onnx.segments.split_onnx`) or ready ones.
         warmup: W, exact warm-up steps.
         stride: 1, or 2 (AsyncDiff's stride denoising; the runtime needs N + 1 ranks).
         time_shift: condition the async phases on the previous step's timestep.
@@ -65,6 +76,8 @@ class ReferenceSchedule:
         batch_parallel: B groups, each running the schedule on its slice of the batch (Note
             [batch slices]); the segments are then captured at the sliced batch.
         latent_input: name of the latent placeholder (slices the batch when B > 1).
+        compile: run every segment through ``torch.compile`` on its device
+            (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at first use).
 
     Raises:
         ScheduleError: bad arguments, or stride 2 / time_shift without a timestep input.
@@ -72,7 +85,7 @@ class ReferenceSchedule:
 
     def __init__(
         self,
-        segments: list[Segment],
+        segments: Sequence[RunnableSegment],
         *,
         warmup: int,
         stride: int = 1,
@@ -81,13 +94,14 @@ class ReferenceSchedule:
         phases: Mapping[str, Any] | None = None,
         batch_parallel: int = 1,
         latent_input: str = "sample",
+        compile: bool = False,
     ):
         if not segments:
             raise ScheduleError("need at least one segment")
         make_schedule(len(segments), 0, warmup=warmup, stride=stride)  # validates the arguments
         names = sorted({name for segment in segments for name in segment.inputs})
         check_timestep_input(timestep_input, names, stride=stride, time_shift=time_shift)
-        self.segments = segments
+        self.segments = [_compiled(s) for s in segments] if compile else list(segments)
         self.warmup, self.stride, self.time_shift = warmup, stride, time_shift
         self.timestep_input = timestep_input
         self.batch_parallel, self.latent_input = batch_parallel, latent_input
@@ -146,7 +160,7 @@ class ReferenceSchedule:
         return kept.pop(step.eps)
 
 
-def check_inputs(segment: Segment, inputs: Mapping[str, Tensor], step: int) -> None:
+def check_inputs(segment: RunnableSegment, inputs: Mapping[str, Tensor], step: int) -> None:
     """Every model input the segment reads must be there, by captured placeholder name."""
     missing = [name for name in segment.inputs if name not in inputs]
     if missing:
@@ -161,7 +175,7 @@ class SamplingRun:
     timestep values, and the check that the loop feeds the timesteps given to reset()."""
 
     def __init__(self, timesteps: Sequence[Any], table: list[Step], remake: Callable[[], list[Step]] | None = None):
-        self.timesteps = [t.item() if isinstance(t, Tensor) else t for t in timesteps]
+        self.timesteps = [t.item() if isinstance(t, Tensor) else t for t in timesteps]  # None: not checked
         self.table = table
         self.next = 0
         self.eps_sources = {step.eps for step in table}
@@ -184,9 +198,12 @@ class SamplingRun:
             self.replan(self.remake())
         step = self.table[self.next]
         given = inputs.get(timestep_input)
-        if given is not None:
-            expected = torch.full_like(given, self.timesteps[step.index])
-            if not torch.equal(given, expected):
+        value = self.timesteps[step.index]
+        if given is not None and value is not None:
+            # The loop may compute its own form (t / 1000) in the input's dtype: a few ulps apart.
+            expected = torch.full_like(given, value)
+            rtol = 4 * torch.finfo(given.dtype).eps if given.dtype.is_floating_point else 0.0
+            if not torch.allclose(given, expected, rtol=rtol, atol=0.0):
                 raise ScheduleError(
                     f"step {step.index}: the {timestep_input!r} input is {given.flatten()[:4].tolist()} but "
                     f"reset() was given timesteps[{step.index}] = {self.timesteps[step.index]}; pass reset() the "
@@ -197,4 +214,10 @@ class SamplingRun:
 
     def timestep_value(self, work: Work, step: Step) -> float | int | None:
         """The value to write into the timestep input, None where the loop's own is right."""
-        return None if work.timestep == step.index else self.timesteps[work.timestep]
+        if work.timestep == step.index:
+            return None
+        value = self.timesteps[work.timestep]
+        if value is None:
+            raise ScheduleError(f"step {step.index} needs the timestep value of step {work.timestep} (stride 2 or "
+                                "time_shift), but the loop's timestep values are unknown; give reset() the values")
+        return value

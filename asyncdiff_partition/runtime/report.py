@@ -5,7 +5,7 @@ Example::
     reports = {0: denoiser.report(), 1: ...}            # rank -> per-step rows
     write_report("out/report.json", reports, {"model": "tiny-dit", "steps": 20})
     write_trace("out/trace.json", {0: denoiser.spans(), 1: ...})   # open in ui.perfetto.dev
-    summarise(reports)["step_ms"]["median"]
+    summarize_steps(reports)["step_ms"]["median"]
 
 A per-step row is ``{"step", "rank", "compute_ms", "wait_ms", "comm_ms", "bytes_sent"}`` (what
 ``AsyncDenoiser.report()`` returns); a span is ``{"name", "start_s", "end_s"}`` with times from
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from asyncdiff_partition.core.files import read_json, write_json_atomic
+from asyncdiff_partition.core.summary import format_bytes
 
 __all__ = [
-    "SCHEMA_VERSION", "format_run", "load_report", "peak_resident_bytes", "resident_bytes", "summarise",
+    "SCHEMA_VERSION", "format_run", "load_report", "peak_resident_bytes", "resident_bytes", "summarize_steps",
     "write_report", "write_trace",
 ]
 
@@ -70,7 +71,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
-def summarise(per_rank_reports: PerRank, *, warmup: int | None = None) -> dict[str, Any]:
+def summarize_steps(per_rank_reports: PerRank, *, warmup: int | None = None) -> dict[str, Any]:
     """Per-step figures over the ranks: step time, its parts, bytes sent.
 
     A step's time is the slowest rank's ``compute_ms + wait_ms + comm_ms`` (the ranks run the
@@ -116,8 +117,6 @@ def summarise(per_rank_reports: PerRank, *, warmup: int | None = None) -> dict[s
 
 def format_run(summary: Mapping[str, Any], *, wall_s: float | None = None) -> str:
     """One line: steps, ranks, median step time (warm-up / asynchronous), bytes sent per step."""
-    from asyncdiff_partition.core.summary import format_bytes
-
     parts = [f"median step {summary['step_ms']['median']:.1f} ms"]
     for key, label in (("warmup_step_ms", "warm-up"), ("async_step_ms", "async")):
         value = summary.get(key, {}).get("median", float("nan"))
@@ -132,7 +131,7 @@ def format_run(summary: Mapping[str, Any], *, wall_s: float | None = None) -> st
 
 
 def write_report(path: str | Path, per_rank_reports: PerRank, meta: Mapping[str, Any]) -> Path:
-    """Write a run report (atomically): ``meta``, :func:`summarise`'s summary and every row.
+    """Write a run report (atomically): ``meta``, :func:`summarize_steps`'s summary and every row.
 
     ``meta`` (model, plan, steps, warm-up, ...) is stored as given; its ``warmup`` entry, when
     there is one, splits the summary into warm-up and asynchronous steps.
@@ -143,7 +142,7 @@ def write_report(path: str | Path, per_rank_reports: PerRank, meta: Mapping[str,
         "kind": "run_report",
         "schema_version": SCHEMA_VERSION,
         "meta": dict(meta),
-        "summary": summarise(ranks, warmup=warmup if isinstance(warmup, int) else None),
+        "summary": summarize_steps(ranks, warmup=warmup if isinstance(warmup, int) else None),
         "ranks": [{"rank": rank, "steps": rows} for rank, rows in ranks.items()],
     }
     return write_json_atomic(path, data)

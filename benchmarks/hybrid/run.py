@@ -26,13 +26,16 @@ from pathlib import Path
 import torch
 
 from asyncdiff_partition.core.hybrid_plan import format_candidates, make_hybrid_plan
+from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.schedule import world_size
 from asyncdiff_partition.fx.capture import capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.profiler import profile_model
+from asyncdiff_partition.fx.ready import ready_segments
 from asyncdiff_partition.fx.split import split_graph
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.runtime import comm
+from asyncdiff_partition.runtime.hybrid import HybridDenoiser, segment_for_hybrid_rank
 from asyncdiff_partition.runtime.launch import launch
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
@@ -75,14 +78,14 @@ class Unsplit:
 
 def worker(blob: bytes, plan, feed: dict, steps: int, guidance: float) -> dict:
     """One rank of a 2-process run (HybridDenoiser covers B = 1 too)."""
-    from asyncdiff_partition.runtime.hybrid import HybridDenoiser
-
     torch.set_num_threads(1)
     comm.init()
     captured = pickle.loads(blob)
     latent = captured.latent.name
-    denoiser = HybridDenoiser(captured, plan)
-    del captured
+    segment = segment_for_hybrid_rank(ready_segments(captured, plan, world_size=comm.world_size()), plan)
+    denoiser = HybridDenoiser(segment, plan, input_names=[s.name for s in captured.inputs], latent=latent,
+                              example=dict(zip((s.name for s in captured.inputs), captured.example)))
+    del captured, segment
     x, seconds = guided_loop(denoiser, feed, latent, steps, guidance)
     sent = statistics.median(r["bytes_sent"] for r in denoiser.report())
     return {"x": x, "seconds": seconds, "bytes_per_step": sent}
@@ -135,7 +138,7 @@ def main() -> None:
     print(format_candidates(four))
     for c in four.candidates:  # predicted only; fidelity from the reference schedule
         captured = half if c.batch_parallel == 2 else full
-        segments = split_graph(captured, build_op_graph(captured), c.plan.boundaries)
+        segments = split_graph(captured, place(build_op_graph(captured), c.plan.boundaries))
         schedule = ReferenceSchedule(segments, warmup=1, stride=c.stride, batch_parallel=c.batch_parallel,
                                      latent_input=latent)
         x, _ = guided_loop(schedule, feed, latent, args.steps, args.guidance)

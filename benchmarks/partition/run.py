@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from asyncdiff_partition.api import capture_profiled, capture_spec, compare_asyncdiff
+from asyncdiff_partition.api import capture_profiled, capture_spec
+from asyncdiff_partition.core.baseline import make_asyncdiff_plan
 from asyncdiff_partition.core.partition import PartitionProblem, balance_segments
 from asyncdiff_partition.core.plan import Plan, make_plan
 from asyncdiff_partition.core.profile import Profile
@@ -121,7 +122,7 @@ def main() -> None:
           "bytes/step (ours, point-to-point) | bytes/step (AsyncDiff-style broadcast) |")
     print("|---|---|---|---|---|---|---|---|")
     for n in (int(x) for x in args.devices.split(",")):
-        for label, plan in (("ours", make_plan(profile, n)), ("AsyncDiff hand split", compare_asyncdiff(profile, n))):
+        for label, plan in (("ours", make_plan(profile, n)), ("AsyncDiff hand split", make_asyncdiff_plan(profile, n))):
             r = measure(captured, plan, args.repeats)
             print(f"| {n} | {label} | {' / '.join(f'{m:.0f}' for m in r['measured'])} | {r['balance']:.3f} | "
                   f"{' / '.join(f'{p:.0f}' for p in r['predicted'])} | {100 * r['max_error']:.1f}% | "

@@ -8,6 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
+from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.evaluation.evaluate import COLUMNS, evaluate, hand_boundaries
 
 
@@ -15,7 +16,7 @@ from asyncdiff_partition.evaluation.evaluate import COLUMNS, evaluate, hand_boun
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     return evaluate("tiny-unet2d", devices=(2,), strides=(1,), warmups=(0, 1, 3), steps=3, images=1,
-                    profile_repeats=1, out_dir=out)
+                    latency_slacks=(0.5,), profile_repeats=1, out_dir=out)
 
 
 def test_writes_csv_markdown_and_png(result):
@@ -23,18 +24,20 @@ def test_writes_csv_markdown_and_png(result):
     with open(result.paths["csv"], newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == list(COLUMNS)
-    # The sequential baseline, then auto and hand split at N=2 for W = 0, 1 and 3.
+    # The sequential baseline, then auto, hand and fidelity-aware split at N=2 for W = 0, 1 and 3.
     assert [(r["split"], r["n_devices"], r["warmup"]) for r in rows] == [("sequential", "1", "")] + [
-        (split, "2", w) for split in ("auto", "hand") for w in ("0", "1", "3")]
+        (split, "2", w) for split in ("auto", "hand", "fidelity") for w in ("0", "1", "3")]
+    assert [r["latency_slack"] for r in rows] == [""] * 7 + ["0.5"] * 3
     text = result.paths["markdown"].read_text()
     assert text == result.markdown and "ReferenceSchedule" in text
     assert text.count("\n| auto |") == 3 and text.count("\n| hand |") == 3
+    assert text.count("\n| fidelity (+50%) |") == 3
     assert result.paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fidelity_figures(result):
     rows = {(r["split"], r["warmup"]): r for r in result.rows}
-    for split in ("auto", "hand"):
+    for split in ("auto", "hand", "fidelity"):
         exact, stale = rows[(split, 3)], rows[(split, 1)]
         assert exact["psnr_db"] == math.inf and exact["ssim"] == pytest.approx(1.0)  # W >= T: sequential
         assert math.isfinite(stale["psnr_db"]) and stale["ssim"] < 1.0  # stale inputs change the sample
@@ -43,6 +46,10 @@ def test_fidelity_figures(result):
         assert 1.0 < stale["predicted_speedup"] <= stale["ideal_speedup"] + 1e-9
         assert stale["ideal_speedup"] == pytest.approx(3 / (1 + 2 / 2))
     assert rows[("hand", 1)]["boundaries"].startswith("up_blocks.0")
+    # Within the slack the fidelity-aware cut is no more stale, and no slower than allowed.
+    auto, aware = rows[("auto", 1)], rows[("fidelity", 1)]
+    assert aware["staleness"] <= auto["staleness"] and aware["relative_l2"] > 0
+    assert 1 / aware["predicted_speedup"] <= 1 / auto["predicted_speedup"] * 1.5 + 1e-9
 
 
 def test_hand_boundaries():
@@ -57,14 +64,14 @@ def test_hand_boundaries():
     dit, _ = tiny("tiny-dit")  # six transformer blocks, split evenly
     graph = build_op_graph(tiny_captured("tiny-dit"))
     assert hand_boundaries(dit, graph, 3) == ["transformer_blocks.2", "transformer_blocks.4"]
-    with pytest.raises(ValueError, match="too few for N=7"):
+    with pytest.raises(ConfigError, match="too few for N=7"):
         hand_boundaries(dit, graph, 7)
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="strides must be 1 and/or 2"):
+    with pytest.raises(ConfigError, match="strides must be 1 and/or 2"):
         evaluate("tiny-unet2d", strides=(3,))
-    with pytest.raises(ValueError, match="devices"):
+    with pytest.raises(ConfigError, match="devices"):
         evaluate("tiny-unet2d", devices=())
 
 
@@ -72,6 +79,7 @@ def test_bad_settings_are_rejected():
     (["--devices", "2,x"], "--devices expects comma-separated integers"),
     (["--warmup", "-1"], "warmups must be a non-empty list of W >= 0"),
     (["--model", "no-such-model"], "unknown model"),
+    (["--latency-slack", "-1"], "latency slacks must be finite numbers > 0"),
 ])
 def test_cli_bad_input_is_one_line(args, message):
     from asyncdiff_partition.cli.main import main
@@ -84,7 +92,7 @@ def test_cli_bad_input_is_one_line(args, message):
 def test_digits_rows_carry_class_accuracy_and_frechet_distance():
     pytest.importorskip("sklearn")
     result = evaluate("digits", devices=(2,), strides=(1,), warmups=(2,), steps=2, images=1, hand_split=False,
-                      profile_repeats=1)
+                      latency_slacks=(), profile_repeats=1)
     floor, sequential, exact = result.rows
     assert floor["split"] == "real digits" and floor["class_accuracy"] > 0.8 and floor["frechet_distance"] >= 0
     assert sequential["split"] == "sequential" and exact["split"] == "auto" and exact["psnr_db"] == math.inf
