@@ -23,6 +23,8 @@ import click
 
 from asyncdiff_partition.core.baseline import make_asyncdiff_plan
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.hybrid_plan import plan_hybrid_file
+from asyncdiff_partition.core.phases import PhaseError, check_phases
 from asyncdiff_partition.core.plan import format_plan, make_plan
 from asyncdiff_partition.core.profile import Profile
 from asyncdiff_partition.core.summary import format_bytes, format_summary
@@ -207,11 +209,26 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
               help="Also run every segment alone on this machine and show measured vs predicted ms.")
 @click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
               help="With --measure: where to load the profiled model from (default: the profile's name).")
+@click.option("--profile-sliced", "sliced_path", default=None, type=click.Path(dir_okay=False),
+              help="Hybrid plan: the same model profiled at batch / B; --devices is then all D devices, "
+                   "split as B batch groups x (N + S - 1).")
+@click.option("--batch-parallel", type=click.IntRange(min=1), default=None,
+              help="Hybrid plan: fix the batch-parallel degree B (default: the fastest within the budget).")
+@click.option("--max-stale-hops", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Hybrid plan: fidelity budget, N*S - 1 at most (1 = as N = 2 segments alone).")
+@click.option("--phases", "phases_json", default=None,
+              help='Switching policy as JSON, e.g. \'{"kind": "fixed", "async_steps": [5, 20]}\' or '
+                   '\'{"kind": "adaptive", "threshold": 0.3}\'.')
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @user_errors
 def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
-         measure, model_spec, out_path) -> None:
+         measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
+    if sliced_path or batch_parallel or phases_json:
+        click.echo(plan_hybrid_file(profile_path, n_devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
+                                    max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup,
+                                    steps=steps, bandwidth_gbps=bandwidth, out_path=out_path))
+        return
     loaded = Profile.load(profile_path)
     options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
                    bandwidth_gbps=bandwidth, link_latency_ms=latency_ms)
@@ -397,6 +414,13 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def _phases(text: str) -> dict:
+    try:
+        return check_phases(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise PhaseError(f"--phases must be JSON, e.g. '{{\"kind\": \"adaptive\", \"threshold\": 0.3}}' ({error})") from None
+
+
 @main.command("eval")
 @model_option
 @click.option("--devices", default="2,3,4", show_default=True, help="Values of N, comma-separated.")
@@ -413,11 +437,15 @@ def _int_list(text: str, option: str) -> list[int]:
               help="Fidelity-aware splits: latency slacks over the optimal bottleneck, comma-separated ('' for none).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=1, show_default=True,
               help="Like --images, for the staleness calibration batch (drawn with other noise).")
+@click.option("--batch-parallel", default="1", show_default=True,
+              help="Values of B; each B > 1 adds hybrid rows (B batch groups x segments).")
+@click.option("--phases", "phases_json", multiple=True,
+              help='A switching policy as JSON (repeatable), e.g. \'{"kind": "adaptive", "threshold": 0.3}\'.')
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
               help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
 @user_errors
 def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, latency_slack,
-                 calibration_images, out_dir) -> None:
+                 calibration_images, batch_parallel, phases_json, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
     from asyncdiff_partition.evaluation.evaluate import evaluate  # Note [light commands]
@@ -427,7 +455,8 @@ def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guida
                       guidance=guidance, hand_split=not no_hand_split,
                       latency_slacks=_float_list(latency_slack, "--latency-slack") or [],
                       calibration_images=calibration_images, out_dir=out_dir,
-                      echo=click.echo)
+                      batch_parallel=_int_list(batch_parallel, "--batch-parallel"),
+                      phases=[None, *(_phases(text) for text in phases_json)], echo=click.echo)
     click.echo("")
     click.echo(result.markdown)
 

@@ -13,10 +13,13 @@ from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.schedule import (
     ScheduleError,
     check_stride,
+    decided_ahead,
+    exact_mask,
     make_schedule,
     n_slots,
     readers,
     slot_segment,
+    world_size,
 )
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.split import Segment, split_graph
@@ -287,6 +290,105 @@ def test_async_differs_from_sequential_but_is_deterministic(stride):
     _close(first, again)
     torch.testing.assert_close(first[0][0], expected[0][0], atol=0, rtol=0)  # the warm-up step is exact
     assert (first[1] - expected[1]).abs().max() > 1e-4  # stale values change the result
+
+
+# --- phases: a per-step exactness mask (Note [phases]) -------------------------------------
+
+def test_fixed_async_window_table():
+    table = make_schedule(2, 6, warmup=1, exact=[True, True, False, False, True, True])
+    assert _phases(table) == ["warmup", "warmup", "async", "async", "exact", "exact"]
+    assert [s.chained for s in table] == [True, True, False, False, True, True]
+    stride2 = make_schedule(2, 7, warmup=1, stride=2, exact=[True, False, False, True, False, False, False])
+    assert _phases(stride2) == ["warmup", "round", "reuse", "exact", "round", "reuse", "tail"]
+    # step 0 is exact whatever the mask says; the default mask is the warm-up
+    assert make_schedule(3, 5, warmup=0, exact=[False] * 5) == make_schedule(3, 5, warmup=1)
+    assert make_schedule(3, 5, warmup=2, exact=exact_mask(5, warmup=2)) == make_schedule(3, 5, warmup=2)
+    with pytest.raises(ScheduleError, match="one per step"):
+        make_schedule(2, 5, warmup=1, exact=[True] * 4)
+    with pytest.raises(ScheduleError, match="start"):
+        exact_mask(5, warmup=1, async_steps=(3, 2))
+    assert exact_mask(4, warmup=1, async_steps=(2, 9)) == [True, True, False, False]
+
+
+def test_world_size_is_groups_times_slots():
+    assert [world_size(n, s, b) for n, s, b in [(2, 1, 1), (1, 1, 2), (2, 1, 2), (2, 2, 2), (3, 2, 1)]] == [2, 2, 4, 6, 4]
+
+
+def _masks(steps):
+    return [[bool(bits >> s & 1) for s in range(steps)] for bits in range(2 ** steps)]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_mask_step_and_its_readers_depend_only_on_the_mask_decided_ahead(stride):
+    ahead = decided_ahead(stride)
+    for n in (1, 2, 3):
+        for steps in range(1, 8):
+            for mask in _masks(steps):
+                table = make_schedule(n, steps, warmup=1, stride=stride, exact=mask)
+                assert [s.index for s in table] == list(range(steps))
+                for s in range(steps):
+                    known = mask[: s + 1 + ahead]
+                    for rest in ([True] * (steps - len(known)), [False] * (steps - len(known))):
+                        other = make_schedule(n, steps, warmup=1, stride=stride, exact=known + rest)
+                        assert other[: s + 1] == table[: s + 1], (n, mask, s)
+                        assert readers(other, s) == readers(table, s), (n, mask, s)
+                    assert table[s].chained == (s == 0 or mask[s])
+                    assert table[s].eps[1] <= s
+
+
+def _expected_stride_1(n, mask, steps):
+    """ε records by the equations: h_k(s) reads h_{k-1} of step s if step s is exact, else of s - 1."""
+    def rec(k, s):
+        if k < 0:
+            return []
+        return rec(k - 1, s if (s == 0 or mask[s]) else s - 1) + [(k, s, s)]
+
+    return [rec(n - 1, s) for s in range(steps)]
+
+
+def test_reference_follows_every_stride_1_mask_by_the_equations():
+    for n in (1, 2, 3):
+        for mask in _masks(5):
+            window = ReferenceSchedule(_toy(n), warmup=1)
+            window.policy.reset = lambda steps, p=window.policy, m=mask: setattr(p, "mask", list(m))  # a fixed mask
+            got = _records(window, 5)
+            assert got == _expected_stride_1(n, mask, 5), (n, mask)
+
+
+def test_reference_hand_over_async_to_exact_and_back_stride_2():
+    schedule = ReferenceSchedule(_toy(2), warmup=1, stride=2, phases={"kind": "fixed", "async_steps": [1, 3]})
+    assert _records(schedule, 6)[:3] == [[(0, 0, 0), (1, 0, 0)], [(0, 0, 0), (1, 1, 1)], [(0, 0, 0), (1, 1, 2)]]
+    schedule.policy.reset = lambda steps, p=schedule.policy: setattr(p, "mask", [True, False, False, True, False, False])
+    assert _records(schedule, 6) == [
+        [(0, 0, 0), (1, 0, 0)],
+        [(0, 0, 0), (1, 1, 1)],  # round: the extra slot on x1, t1, the warm-up's values
+        [(0, 0, 0), (1, 1, 2)],  # reuse
+        [(0, 3, 3), (1, 3, 3)],  # exact again: the whole chain recomputed, nothing stale
+        [(0, 3, 3), (1, 4, 4)],  # a round reading the exact step's values
+        [(0, 3, 3), (1, 4, 5)],
+    ]
+
+
+def test_fixed_window_with_a_hand_computed_eps():
+    schedule = ReferenceSchedule(_toy(3), warmup=1, phases={"kind": "fixed", "async_steps": [2, 4]})
+    assert _records(schedule, 6) == [
+        [(0, 0, 0), (1, 0, 0), (2, 0, 0)],
+        [(0, 1, 1), (1, 1, 1), (2, 1, 1)],
+        [(0, 1, 1), (1, 1, 1), (2, 2, 2)],  # async: the exact step 1's values
+        [(0, 1, 1), (1, 2, 2), (2, 3, 3)],
+        [(0, 4, 4), (1, 4, 4), (2, 4, 4)],  # exact: recomputed, nothing of the async steps left
+        [(0, 5, 5), (1, 5, 5), (2, 5, 5)],
+    ]
+    assert [r["mode"] for r in schedule.policy.record()] == ["exact", "exact", "async", "async", "exact", "exact"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_an_all_exact_mask_on_a_real_model_is_the_unsplit_model(stride):
+    _, splits = _model()
+    exact = ReferenceSchedule(splits[3 - stride + 1], warmup=0, stride=stride,
+                              phases={"kind": "fixed", "async_steps": [0, 0]})
+    _close(_ddim_loop(exact), _ddim_loop(_unsplit))
+    assert {r["mode"] for r in exact.policy.record()} == {"exact"}
 
 
 def test_the_one_stride_rule_and_world_size():

@@ -42,6 +42,7 @@ from asyncdiff_partition.core.partition import (
 )
 from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.schedule import ScheduleError, check_stride, n_slots
+from asyncdiff_partition.core.schedule import world_size as schedule_world_size
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -113,6 +114,8 @@ class Plan:
     link_latency_ms: float
     segments: list[SegmentPlan]
     predicted: dict[str, float]
+    batch_parallel: int = 1  # B batch groups of N + S - 1 ranks each (core.hybrid_plan)
+    phases: dict[str, Any] | None = None  # the switching policy (core.phases, runtime.policy); None: the warm-up
     objective: dict[str, Any] = field(default_factory=lambda: {"kind": "latency", "latency_slack": 0.0})
     staleness: list[float] | None = None
     schema_version: int = SCHEMA_VERSION
@@ -189,22 +192,28 @@ class Plan:
             f"re-run 'asyncdiff-partition profile' and 'plan' for this model and these shapes"
         )
 
-    def check_world_size(self, world_size: int, stride: int | None = None) -> None:
-        """The one world-size rule: N + stride - 1 ranks (stride default the plan's).
+    def check_world_size(self, world_size: int, stride: int | None = None, *,
+                         batch_parallel: int | None = None) -> None:
+        """The world-size rule of :func:`~asyncdiff_partition.core.schedule.world_size`: B x (N + stride - 1)
+        ranks (stride and B default the plan's; ``batch_parallel=1`` checks one batch group).
 
         Raises:
             PlanError: another number of ranks, or a stride other than 1 or 2.
         """
         stride = self.stride if stride is None else stride
+        groups = self.batch_parallel if batch_parallel is None else batch_parallel
         try:
-            needed = n_slots(self.n_devices, stride)
+            needed = schedule_world_size(self.n_devices, stride, groups)
         except ScheduleError as error:
             raise PlanError(str(error)) from None
         if world_size != needed:
+            shape = "N + stride - 1" if groups == 1 else f"B x (N + stride - 1) with B={groups} batch groups"
+            hint = f"make a plan for {world_size - stride + 1} devices" if groups == 1 else (
+                f"make a plan for {world_size} devices")
             raise PlanError(
                 f"the plan splits {self.model} into N={self.n_devices} segments; with stride {stride} that needs "
-                f"N + stride - 1 = {needed} ranks, but this run has {world_size}; start {needed} processes "
-                f"(--nproc {needed}) or make a plan for {world_size - stride + 1} devices"
+                f"{shape} = {needed} ranks, but this run has {world_size}; start {needed} processes "
+                f"(--nproc {needed}) or {hint}"
             )
 
 

@@ -53,6 +53,32 @@ Edge cases, decided here:
 * ``time_shift`` moves every timestep of the async phases (async, round, tail) one step back
   (t_i -> t_{i-1}), as AsyncDiff's ``time_shift`` does: a segment is then conditioned on the
   step its stale inputs come from. Warm-up steps keep t_s.
+
+Note [phases]
+~~~~~~~~~~~~~
+The warm-up generalises to a per-step *exactness mask* (``exact``, one bool per step): an
+exact step runs the chain of a warm-up step, every other step the asynchronous schedule.
+Exact steps before the first asynchronous one are ``warmup`` steps, later ones ``exact``
+steps (hybrid parallelism, Hybridiff arXiv 2602.21760: the same ranks switch between exact and
+asynchronous phases). Both hand-overs are exact by construction: an asynchronous step after
+an exact step reads the *latest* values, which that exact step made; an exact step after
+asynchronous steps recomputes the whole chain and reads nothing stale. With stride 2 a round
+needs two consecutive asynchronous steps; an asynchronous step that has no partner before the
+next exact step is a ``tail``. Stride 1, N = 2, T = 6, async window [2, 4)::
+
+    step phase   slot 0        slot 1              ε(s)
+    0    warmup  f0(x0,t0) ->  f1(x0,t0, 0@0)      slot 1 @0
+    1    warmup  f0(x1,t1) ->  f1(x1,t1, 0@1)      slot 1 @1
+    2    async   f0(x2,t2)     f1(x2,t2, 0@1)      slot 1 @2
+    3    async   f0(x3,t3)     f1(x3,t3, 0@2)      slot 1 @3
+    4    exact   f0(x4,t4) ->  f1(x4,t4, 0@4)      slot 1 @4
+    5    exact   f0(x5,t5) ->  f1(x5,t5, 0@5)      slot 1 @5
+
+Step s of the table, and :func:`readers` of step s (which the runtime needs before step s
+sends), depend on the mask only up to step s + :func:`decided_ahead` (stride 1: s + 1; stride 2:
+s + 3, because a round at s is read by step s + 2, whose extra slot computes only if s + 3 is
+asynchronous too). A policy that decides the mask while sampling (:mod:`asyncdiff_partition.
+runtime.policy`) must therefore fix step s + decided_ahead before step s starts.
 """
 
 from __future__ import annotations
@@ -62,11 +88,24 @@ from dataclasses import dataclass
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 
-__all__ = ["PHASES", "ScheduleError", "Step", "Work", "check_stride", "check_timestep_input", "make_schedule", "n_slots",
-           "readers", "slot_segment"]
+__all__ = [
+    "PHASES",
+    "ScheduleError",
+    "Step",
+    "Work",
+    "check_stride",
+    "check_timestep_input",
+    "decided_ahead",
+    "exact_mask",
+    "make_schedule",
+    "n_slots",
+    "readers",
+    "slot_segment",
+    "world_size",
+]
 
 
-PHASES = ("warmup", "async", "round", "reuse", "tail")
+PHASES = ("warmup", "async", "round", "reuse", "tail", "exact")
 
 
 class ScheduleError(AsyncDiffError, ValueError):
@@ -103,7 +142,7 @@ class Step:
 
     @property
     def chained(self) -> bool:
-        return self.phase == "warmup"
+        return self.phase in ("warmup", "exact")
 
 
 def check_stride(stride: object) -> int:
@@ -122,13 +161,47 @@ def n_slots(n_segments: int, stride: int) -> int:
     return n_segments + check_stride(stride) - 1
 
 
+def world_size(n_segments: int, stride: int, batch_parallel: int = 1) -> int:
+    """Ranks a hybrid plan uses: B batch groups of N + S - 1 slots each (the one place of this rule)."""
+    return batch_parallel * n_slots(n_segments, stride)
+
+
+def decided_ahead(stride: int) -> int:
+    """How far past step s the exactness mask must be fixed before step s runs (Note [phases])."""
+    return 2 * stride - 1
+
+
+def exact_mask(steps: int, *, warmup: int, async_steps: Sequence[int] | None = None) -> list[bool]:
+    """The exactness mask of a fixed policy: async in ``[start, end)`` (default ``[W, T)``), else exact.
+
+    A window reaching past the last step ends there.
+
+    Example:
+        >>> exact_mask(5, warmup=1, async_steps=(2, 4))
+        [True, True, False, False, True]
+    """
+    start, end = (min(warmup, steps), steps) if async_steps is None else async_steps
+    if start > end or start < 0:
+        raise ScheduleError(f"async_steps must be [start, end) with 0 <= start <= end, got [{start}, {end}); "
+                            f"e.g. async_steps=[1, {steps}]")
+    return [not (start <= s < end) for s in range(steps)]
+
+
 def slot_segment(slot: int, n_segments: int) -> int:
     """The segment a slot runs: its own index, the last segment for the stride-2 extra slot."""
     return min(slot, n_segments - 1)
 
 
-def make_schedule(n_segments: int, steps: int, *, warmup: int, stride: int = 1, time_shift: bool = False) -> list[Step]:
-    """The table of Note [schedule]: one :class:`Step` per denoising step.
+def make_schedule(
+    n_segments: int,
+    steps: int,
+    *,
+    warmup: int,
+    stride: int = 1,
+    time_shift: bool = False,
+    exact: Sequence[bool] | None = None,
+) -> list[Step]:
+    """The table of Notes [schedule] and [phases]: one :class:`Step` per denoising step.
 
     Example:
         >>> [s.phase for s in make_schedule(2, 6, warmup=1, stride=2)]
@@ -140,26 +213,36 @@ def make_schedule(n_segments: int, steps: int, *, warmup: int, stride: int = 1, 
         warmup: W >= 0 (W = 0 runs like W = 1: the first step has nothing stale to read).
         stride: 1, or 2 for stride denoising (one extra slot).
         time_shift: condition the async phases on the previous step's timestep.
+        exact: the exactness mask, one bool per step (Note [phases]); default exact for the
+            first W steps. Step 0 is always exact (nothing stale to read yet).
 
     Raises:
-        ScheduleError: an argument out of range.
+        ScheduleError: an argument out of range, or a mask of another length than ``steps``.
     """
     if n_segments < 1 or steps < 0 or warmup < 0 or isinstance(stride, bool) or stride not in (1, 2):
         raise ScheduleError(
             f"need n_segments >= 1, steps >= 0, warmup >= 0 and stride 1 or 2; got n_segments={n_segments}, "
             f"steps={steps}, warmup={warmup}, stride={stride}"
         )
+    if exact is None:
+        exact = [s < warmup for s in range(steps)]
+    elif len(exact) != steps:
+        raise ScheduleError(f"the exactness mask has {len(exact)} entries for {steps} steps; give one per step")
+    exact = [True, *exact[1:]] if steps else []
     last = n_segments - 1
     shift = 1 if time_shift else 0
 
     def main(t: int) -> tuple[Work, ...]:
         return tuple(Work(k, k, t) for k in range(n_segments))
 
-    w = min(max(warmup, 1), steps)
-    table = [Step(s, "warmup", main(s), (last, s)) for s in range(w)]
-    s = w
+    table: list[Step] = []
+    s = 0
     while s < steps:
-        if stride == 2 and s + 1 < steps:
+        if exact[s]:
+            began = any(not step.chained for step in table)
+            table.append(Step(s, "exact" if began else "warmup", main(s), (last, s)))
+            s += 1
+        elif stride == 2 and s + 1 < steps and not exact[s + 1]:
             extra = Work(n_segments, last, s - shift)
             table.append(Step(s, "round", main(s + 1 - shift) + (extra,), (n_segments, s)))
             table.append(Step(s + 1, "reuse", (), (last, s)))

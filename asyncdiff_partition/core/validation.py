@@ -7,7 +7,7 @@ Example::
 
 Written as plain checks rather than a JSON Schema (``jsonschema``) or typed models (pydantic):
 most rules that matter here relate fields to each other (``len(boundaries) == n_devices + 1``,
-segment ``k`` spans ``boundaries[k]..boundaries[k+1]``, ``world_size = B (N + S - 1)``, one cost
+segment ``k`` spans ``boundaries[k]..boundaries[k+1]``, ``world_size = batch_parallel (N + S - 1)``, one cost
 per graph node, a segment receives only from earlier segments), which a JSON Schema cannot say,
 so code would be needed beside it anyway; as code, every rule gives one message naming the file
 and the field path (``segments[1].receives[0].from_segment``), with no new dependency, and the
@@ -22,7 +22,9 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, NoReturn
 
 from asyncdiff_partition.core.errors import AsyncDiffError, PlanError
+from asyncdiff_partition.core.phases import PhaseError, check_phases
 from asyncdiff_partition.core.placement import segment_inputs, segment_of
+from asyncdiff_partition.core.schedule import world_size
 
 __all__ = ["FieldError", "check_plan_graph", "validate_plan", "validate_profile"]
 
@@ -119,6 +121,8 @@ def _show(value: Any) -> str:
 # --- plans -------------------------------------------------------------------------------------
 
 _PREDICTED = ("sequential_step_ms", "async_step_ms", "imbalance", "speedup", "ideal_speedup")
+# only some plans have these: fidelity-aware splits (staleness), hybrid plans (core.hybrid_plan)
+_PREDICTED_OPTIONAL = ("staleness", "gather_ms", "full_sequential_step_ms")
 _RECEIVE = ("value", "from_segment", "bytes")
 
 
@@ -149,11 +153,16 @@ def validate_plan(data: Mapping[str, Any], path: Any, *, fields: Collection[str]
     stride = f.integer(data["stride"], "stride", low=1, high=2)
     f.integer(data["warmup"], "warmup", low=0)
     f.integer(data["steps"], "steps", low=1)
-    groups = f.integer(data["batch_groups"], "batch_groups", low=1) if "batch_groups" in data else 1
-    world = groups * (n + stride - 1)
+    groups = f.integer(data["batch_parallel"], "batch_parallel", low=1) if "batch_parallel" in data else 1
+    world = world_size(n, stride, groups)
     if f.integer(data["world_size"], "world_size", low=1) != world:
-        rule = "n_devices + stride - 1" if groups == 1 else "batch_groups * (n_devices + stride - 1)"
+        rule = "n_devices + stride - 1" if groups == 1 else "batch_parallel * (n_devices + stride - 1)"
         f.fail("world_size", f"{rule} = {world}", data["world_size"])
+    if data.get("phases") is not None:
+        try:
+            check_phases(data["phases"])
+        except PhaseError as error:
+            f.fail("phases", "a switching policy (core.phases)", data["phases"], got=f"{_show(data['phases'])}: {error}")
     f.string(data["method"], "method", empty=False)
     boundaries = f.array(data["boundaries"], "boundaries", n + 1, " (n_devices + 1)")
     for k, b in enumerate(boundaries):
@@ -172,8 +181,8 @@ def validate_plan(data: Mapping[str, Any], path: Any, *, fields: Collection[str]
     segments = f.array(data["segments"], "segments", n, " (one per device)")
     for k, segment in enumerate(segments):
         _validate_segment(f, segment, k, boundaries, segment_fields)
-    predicted = f.keys(data["predicted"], "predicted", known=(*_PREDICTED, "staleness"), required=_PREDICTED)
-    for key in _PREDICTED:
+    predicted = f.keys(data["predicted"], "predicted", known=_PREDICTED + _PREDICTED_OPTIONAL, required=_PREDICTED)
+    for key in predicted:
         f.number(predicted[key], f"predicted.{key}", finite=False)
     if "staleness" in predicted:
         f.number(predicted["staleness"], "predicted.staleness", low=0)

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from asyncdiff_partition.core.errors import ConfigError
+from asyncdiff_partition.core.hybrid_plan import make_hybrid_plan
+from asyncdiff_partition.core.phases import check_phases
 from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import ASYNCDIFF_SD21_BOUNDARIES, PlanError, make_plan, module_boundaries
 from asyncdiff_partition.evaluation.classifier import classify, features, real_digits
@@ -105,6 +107,8 @@ def evaluate(
     out_dir: str | Path | None = None,
     profile_repeats: int = 2,
     echo: Callable[[str], None] | None = None,
+    batch_parallel: Sequence[int] = (1,),
+    phases: Sequence[dict[str, Any] | None] = (None,),
 ) -> EvalResult:
     """Sample sequentially and asynchronously per configuration and compare (Note [what eval measures]).
 
@@ -126,6 +130,10 @@ def evaluate(
         out_dir: where to write ``fidelity.csv``, ``fidelity.md`` and ``fidelity.png``.
         profile_repeats: timed runs of the one profile the plans are made from.
         echo: progress lines go here (``print``, ``click.echo``); None for silence.
+        batch_parallel: values of B; every B > 1 adds *hybrid* rows (B batch groups x the auto
+            split at every N, S, W, sampled by the reference schedule on the batch slice).
+        phases: switching policies (:mod:`~asyncdiff_partition.runtime.policy`); every one but
+            None adds rows per B (B = 1 included), the policy named in the ``split`` column.
 
     Returns:
         An :class:`EvalResult`.
@@ -168,6 +176,11 @@ def evaluate(
                 for warmup in warmups:
                     rows.append(_configuration(bench, split, n, stride, warmup, hand, slack, boundaries))
                     say("  " + describe_row(rows[-1]))
+    for b in batch_parallel:
+        for policy in phases:
+            if b > 1 or policy is not None:
+                rows.extend({**bench.base, **row} for row in _hybrid_rows(
+                    bench, b, policy, devices, strides, warmups, profile_repeats, say))
     seconds = time.perf_counter() - begin
     guide = f", guidance {guidance:g}" if bench.guided else ""
     markdown = format_markdown(rows, title=f"Fidelity of asynchronous denoising: {bench.name}, T={steps}, "
@@ -310,6 +323,51 @@ class FidelityBench:
                 "relative_l2": float(np.mean([np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12) for a, b in pairs])),
                 **self.digits(samples)}
         return dict(self._judged[key])
+
+
+def _hybrid_rows(bench: FidelityBench, b: int, policy: dict[str, Any] | None, devices: Sequence[int],
+                 strides: Sequence[int], warmups: Sequence[int], repeats: int, say: Callable[[str], None]) -> list[Row]:
+    """Rows of B batch groups x the auto split with a switching policy (issue 13), beside the segment-only rows."""
+    sampler, profile, steps = bench.sampler, bench.profile, bench.steps
+    label = f"hybrid B={b}" + ("" if policy is None else f" {check_phases(policy)['kind']}")
+    batch = sampler.captured.latent.shape[0]
+    if batch % b:
+        say(f"  {label}: skipped (the denoiser batch of {batch} does not split into {b} groups)")
+        return [{"split": label, "n_devices": 0, "note": f"skipped: batch {batch} does not split into B={b}"}]
+    captured, sliced = sampler.captured, profile
+    if b > 1:
+        part = zoo.example_inputs(bench.model, batch=batch // b, seed=0)
+        captured = capture_model(bench.model, part.args, part.kwargs, latent=part.latent)
+        sliced = profile_model(captured, model_name=profile.model, repeats=repeats, command="asyncdiff-partition eval")
+    graph = build_op_graph(captured)
+    rows = []
+    for n in devices:
+        for stride in strides:
+            for warmup in warmups:
+                row: Row = {"split": label, "n_devices": n, "stride": stride, "warmup": warmup}
+                try:
+                    choice = make_hybrid_plan(profile, b * (n + stride - 1), sliced=sliced if b > 1 else None,
+                                              batch_parallel=b, steps=steps, warmup=max(warmup, 1), phases=policy,
+                                              max_stale_hops=n * stride)
+                    c = next(c for c in choice.candidates if (c.n_devices, c.stride) == (n, stride))
+                    segments = split_graph(captured, place(graph, make_plan(sliced, n).boundaries))
+                    schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, phases=policy, batch_parallel=b,
+                                                 timestep_input=sampler.timestep_input, latent_input=captured.latent.name)
+                except (ValueError, StopIteration) as error:
+                    rows.append({**row, "note": f"skipped: {error}"})
+                    continue
+                samples = sampler.run(schedule)
+                modes = [r["mode"] for r in schedule.policy.record()]
+                rows.append({**row, "world_size": b * (n + stride - 1),
+                             "boundaries": ", ".join(s.first_module for s in c.plan.segments[1:]),
+                             "predicted_speedup": c.speedup, "ideal_speedup": c.ideal,
+                             "imbalance": c.plan.predicted["imbalance"],
+                             "psnr_db": float(np.mean([psnr(x, y) for x, y in zip(bench.reference, samples)])),
+                             "ssim": float(np.mean([ssim(x, y) for x, y in zip(bench.reference, samples)])),
+                             **bench.digits(samples),
+                             "note": f"{modes.count('async')} of {len(modes)} steps async"})
+                say("  " + describe_row(rows[-1]))
+    return rows
 
 
 def hand_boundaries(model: torch.nn.Module, graph: Any, n_devices: int) -> list[str]:

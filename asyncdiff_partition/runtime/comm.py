@@ -31,8 +31,10 @@ from asyncdiff_partition.runtime import staging
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "TIMEOUT_ENV",
+    "Group",
     "PeerError",
     "WorkersFailed",
+    "all_gather",
     "all_gather_object",
     "barrier",
     "broadcast",
@@ -42,6 +44,7 @@ __all__ = [
     "irecv",
     "is_initialized",
     "isend",
+    "new_group",
     "rank",
     "run_workers",
     "shutdown",
@@ -134,20 +137,21 @@ def timeout_s() -> float:
     return _require("timeout_s")
 
 
-def isend(tensors: Sequence[Tensor], dst: int, tag: int = 0) -> list[Any]:
-    """Start sending contiguous ``tensors`` to rank ``dst``, in order; returns the works."""
+def isend(tensors: Sequence[Tensor], dst: int, tag: int = 0, *, group: Any = None) -> list[Any]:
+    """Start sending contiguous ``tensors`` to (global) rank ``dst``, in order; returns the works."""
     if _state.get("staged"):
         hosts = [staging.to_host(t) for t in tensors]
-        return [staging.Landing(_call(f"sending to rank {dst}", dist.isend, h, dst, tag=tag), h) for h in hosts]
-    return [_call(f"sending to rank {dst}", dist.isend, t, dst, tag=tag) for t in tensors]
+        return [staging.Landing(_call(f"sending to rank {dst}", dist.isend, h, dst, group=group, tag=tag), h)
+                for h in hosts]
+    return [_call(f"sending to rank {dst}", dist.isend, t, dst, group=group, tag=tag) for t in tensors]
 
 
-def irecv(tensors: Sequence[Tensor], src: int, tag: int = 0) -> list[Any]:
-    """Start receiving into ``tensors`` from rank ``src``, in order; returns the works."""
+def irecv(tensors: Sequence[Tensor], src: int, tag: int = 0, *, group: Any = None) -> list[Any]:
+    """Start receiving into ``tensors`` from (global) rank ``src``, in order; returns the works."""
     if _state.get("staged"):
-        return [staging.Landing(_call(f"receiving from rank {src}", dist.irecv, h, src, tag=tag), h, t)
+        return [staging.Landing(_call(f"receiving from rank {src}", dist.irecv, h, src, group=group, tag=tag), h, t)
                 for h, t in ((staging.host_buffer(t), t) for t in tensors)]
-    return [_call(f"receiving from rank {src}", dist.irecv, t, src, tag=tag) for t in tensors]
+    return [_call(f"receiving from rank {src}", dist.irecv, t, src, group=group, tag=tag) for t in tensors]
 
 
 def wait(works: Sequence[Any], what: str, timeout: float | None = None) -> None:
@@ -167,26 +171,42 @@ def wait(works: Sequence[Any], what: str, timeout: float | None = None) -> None:
             raise PeerError(f"rank {rank()}: {what} did not arrive within {limit.total_seconds():g} s")
 
 
-def broadcast(tensor: Tensor, src: int, what: str = "broadcast") -> None:
-    """Broadcast ``tensor`` from rank ``src`` to all ranks, in place (blocking)."""
-    if world_size() == 1:
+def broadcast(tensor: Tensor, src: int, what: str = "broadcast", *, group: Group | None = None) -> None:
+    """Broadcast ``tensor`` from (global) rank ``src`` to all ranks (of ``group``), in place (blocking)."""
+    if (world_size() if group is None else len(group.ranks)) == 1:
         return
+    handle = None if group is None else group.handle
     if _state.get("staged"):
         host = staging.to_host(tensor) if rank() == src else staging.host_buffer(tensor)
-        work = staging.Landing(_call(f"{what} from rank {src}", dist.broadcast, host, src, async_op=True), host,
-                               None if rank() == src else tensor)
+        work = staging.Landing(_call(f"{what} from rank {src}", dist.broadcast, host, src, group=handle,
+                                     async_op=True), host, None if rank() == src else tensor)
     else:
-        work = _call(f"{what} from rank {src}", dist.broadcast, tensor, src, async_op=True)
+        work = _call(f"{what} from rank {src}", dist.broadcast, tensor, src, group=handle, async_op=True)
     wait([work], f"{what} from rank {src}")
 
 
-def barrier(what: str = "barrier") -> None:
-    """Wait until every rank gets here (bounded by the timeout; an all-reduce of one number)."""
-    if world_size() == 1:
+def barrier(what: str = "barrier", *, group: Group | None = None) -> None:
+    """Wait until every rank (of ``group``) gets here (bounded by the timeout; an all-reduce of one number)."""
+    if (world_size() if group is None else len(group.ranks)) == 1:
         return
     token = torch.zeros(1, device="cpu" if _state.get("staged") else device())
-    work = _call(what, dist.all_reduce, token, async_op=True)
-    wait([work], f"{what} (all ranks)")
+    work = _call(what, dist.all_reduce, token, group=None if group is None else group.handle, async_op=True)
+    wait([work], f"{what} ({'all ranks' if group is None else f'ranks {group.ranks}'})")
+
+
+def all_gather(tensor: Tensor, what: str = "all-gather", *, group: Group | None = None) -> Tensor:
+    """Every rank's (of ``group``) ``tensor`` concatenated on dim 0 in rank order; identical on every rank."""
+    size = world_size() if group is None else len(group.ranks)
+    if size == 1:
+        return tensor
+    staged = bool(_state.get("staged"))
+    mine = staging.to_host(tensor.contiguous()) if staged else tensor.contiguous()
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    work = _call(f"all-gather of {what}", dist.all_gather, parts, mine,
+                 group=None if group is None else group.handle, async_op=True)
+    wait([work], f"all-gather of {what} ({'all ranks' if group is None else f'ranks {group.ranks}'})")
+    gathered = torch.cat(parts)
+    return gathered.to(tensor.device) if staged else gathered
 
 
 def all_gather_object(obj: Any, what: str = "all-gather", timeout: float | None = None) -> list[Any]:
@@ -209,6 +229,54 @@ def all_gather_object(obj: Any, what: str = "all-gather", timeout: float | None 
     gathered = [torch.empty(longest, dtype=torch.uint8, device=device()) for _ in range(world_size())]
     wait([_call(what, dist.all_gather, gathered, padded, async_op=True)], what, timeout)
     return [pickle.loads(bytes(t[: int(n.item())].cpu().tolist())) for t, n in zip(gathered, sizes)]
+
+
+class Group:
+    """Some of the ranks as their own process group, with comm's transfer functions in group-local ranks.
+
+    Made by :func:`new_group`. It has the functions
+    :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser` calls on this module (``rank``,
+    ``world_size``, ``device``, ``isend``, ``irecv``, ``wait``, ``broadcast``, ``barrier``), so a
+    denoiser given ``group=`` runs its schedule among these ranks only; ranks passed to it are
+    positions in :attr:`ranks`.
+    """
+
+    def __init__(self, ranks: Sequence[int], handle: Any):
+        self.ranks, self.handle = list(ranks), handle
+
+    def rank(self) -> int:
+        return self.ranks.index(rank())
+
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def device(self) -> torch.device:
+        return device()
+
+    def isend(self, tensors: Sequence[Tensor], dst: int, tag: int = 0) -> list[Any]:
+        return isend(tensors, self.ranks[dst], tag, group=self.handle)
+
+    def irecv(self, tensors: Sequence[Tensor], src: int, tag: int = 0) -> list[Any]:
+        return irecv(tensors, self.ranks[src], tag, group=self.handle)
+
+    def wait(self, works: Sequence[Any], what: str, timeout: float | None = None) -> None:
+        wait(works, what, timeout)
+
+    def broadcast(self, tensor: Tensor, src: int, what: str = "broadcast") -> None:
+        broadcast(tensor, self.ranks[src], what, group=self)
+
+    def barrier(self, what: str = "barrier") -> None:
+        barrier(what, group=self)
+
+    def all_gather(self, tensor: Tensor, what: str = "all-gather") -> Tensor:
+        return all_gather(tensor, what, group=self)
+
+
+def new_group(ranks: Sequence[int]) -> Group:
+    """A :class:`Group` of ``ranks`` (collective: every rank calls it, for every group, in the same order)."""
+    ranks = list(ranks)
+    handle = dist.group.WORLD if len(ranks) == world_size() else dist.new_group(ranks)
+    return Group(ranks, handle)
 
 
 class WorkersFailed(AsyncDiffError, RuntimeError):

@@ -116,6 +116,10 @@ class AsyncDenoiser:
         compile: run this rank's segment through ``torch.compile``
             (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at set-up by
             the warm-up run).
+        group: run among these ranks only (a :class:`~asyncdiff_partition.runtime.comm.Group`, a
+            hybrid plan's batch group, :mod:`~asyncdiff_partition.runtime.groups`); default all ranks.
+        phases: an object whose ``mask`` is the exactness mask decided so far (Note [phases],
+            :class:`~asyncdiff_partition.runtime.policy.PhasePolicy`); default the warm-up.
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -140,15 +144,22 @@ class AsyncDenoiser:
         timeout_s: float | None = None,
         example: Mapping[str, Tensor] | None = None,
         compile: bool = False,
+        group: comm.Group | None = None,
+        phases: Any = None,
     ):
-        self.rank, self.world_size, self.device = comm.rank(), comm.world_size(), comm.device()
+        self._comm: Any = comm if group is None else group  # a batch group's ranks (runtime.groups)
+        self.phases = phases  # a switching policy's mask (runtime.policy), re-read every step
+        self.rank, self.world_size, self.device = self._comm.rank(), self._comm.world_size(), self._comm.device()
         self.n_segments = plan.n_devices
         self.stride = plan.stride if stride is None else stride
         self.warmup = plan.warmup if warmup is None else warmup
         self.time_shift, self.timestep_input, self.timeout_s = time_shift, timestep_input, timeout_s
         self._input_names = list(input_names)
         self._latent = latent
-        plan.check_world_size(self.world_size, self.stride)
+        if group is None and plan.batch_parallel > 1:
+            raise PlanError(f"the plan has batch_parallel={plan.batch_parallel} batch groups; run it with "
+                            f"runtime.hybrid.HybridDenoiser (AsyncDenoiser runs one group's schedule)")
+        plan.check_world_size(self.world_size, self.stride, batch_parallel=1)  # this group's ranks
         plan.check_fingerprint(segment.fingerprint, where="the segment's model")
         expected = slot_segment(self.rank, self.n_segments)
         if segment.index != expected or list(segment.placement.boundaries) != list(plan.boundaries):
@@ -193,11 +204,14 @@ class AsyncDenoiser:
         show up as the first step's cost on the others.
         """
         self._drain()
-        comm.barrier("starting a sampling run")
+        self._comm.barrier("starting a sampling run")
         check_timestep_input(self.timestep_input, self._input_names, stride=self.stride, time_shift=self.time_shift)
-        table = make_schedule(self.n_segments, len(timesteps), warmup=self.warmup, stride=self.stride,
-                              time_shift=self.time_shift)
-        self._run = SamplingRun(timesteps, table)
+
+        def remake() -> list[Step]:
+            return make_schedule(self.n_segments, len(timesteps), warmup=self.warmup, stride=self.stride,
+                                 time_shift=self.time_shift, exact=None if self.phases is None else self.phases.mask)
+
+        self._run = SamplingRun(timesteps, remake(), remake=remake if self.phases is not None else None)
         self._reset_state()
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -265,7 +279,7 @@ class AsyncDenoiser:
         for name in self._segment.receives:
             src = self._segment.source(name)
             buffers = self._layouts[name].empty(self.device)
-            works = comm.irecv(buffers, src, tag=self._segment.tag(name))
+            works = self._comm.irecv(buffers, src, tag=self._segment.tag(name))
             self._inbox.append((step.index, name, src, buffers, works))
         stats["comm_ms"] += self._span("post", stats, begin)
 
@@ -279,7 +293,7 @@ class AsyncDenoiser:
             if made > through:
                 pending.append((made, name, src, buffers, works))
                 continue
-            comm.wait(works, f"value {name} of step {made} from rank {src}", self.timeout_s)
+            self._comm.wait(works, f"value {name} of step {made} from rank {src}", self.timeout_s)
             self._stale[name] = self._layouts[name].build(buffers)
         self._inbox = pending
         stats["wait_ms"] += self._span("wait", stats, begin)
@@ -307,7 +321,7 @@ class AsyncDenoiser:
             tensors = tensor_leaves(values[name])
             consumers = self._segment.placement.consumers(name)
             for dst in sorted({w.slot for w in reading if w.segment in consumers} - {self.rank}):
-                self._sends.append((comm.isend(tensors, dst, tag=self._segment.tag(name)), tensors, name, dst))
+                self._sends.append((self._comm.isend(tensors, dst, tag=self._segment.tag(name)), tensors, name, dst))
                 stats["bytes_sent"] += sum(t.numel() * t.element_size() for t in tensors)
         stats["comm_ms"] += self._span("send", stats, begin)
 
@@ -319,7 +333,7 @@ class AsyncDenoiser:
             stats["bytes_sent"] += eps.numel() * eps.element_size() * (self.world_size - 1)
         else:
             (eps,) = self._layouts[OUTPUT].empty(self.device)
-        comm.broadcast(eps, slot, what=f"ε of step {step.index}")
+        self._comm.broadcast(eps, slot, what=f"ε of step {step.index}")
         stats["comm_ms"] += self._span("broadcast", stats, begin)
         return eps
 
@@ -335,7 +349,7 @@ class AsyncDenoiser:
 
     def _wait_sends(self) -> None:
         for works, _, name, dst in self._sends:
-            comm.wait(works, f"value {name} to rank {dst}", self.timeout_s)
+            self._comm.wait(works, f"value {name} to rank {dst}", self.timeout_s)
         self._sends = []
 
     def _drain(self, stats: dict[str, Any] | None = None) -> None:

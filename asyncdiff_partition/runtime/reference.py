@@ -15,7 +15,7 @@ in one process; every distributed runtime must give the same ε at every step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, cast
 
@@ -25,7 +25,9 @@ from torch import Tensor
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
 from asyncdiff_partition.fx.compile import compile_segment, module_device
+from asyncdiff_partition.runtime.batch import split_batch
 from asyncdiff_partition.runtime.layout import RunnableSegment
+from asyncdiff_partition.runtime.policy import PhasePolicy
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
 
@@ -69,6 +71,11 @@ class ReferenceSchedule:
         stride: 1, or 2 (AsyncDiff's stride denoising; the runtime needs N + 1 ranks).
         time_shift: condition the async phases on the previous step's timestep.
         timestep_input: name of the timestep placeholder (``captured.inputs[i].name``).
+        phases: the switching policy (Note [phases], :mod:`~asyncdiff_partition.runtime.policy`);
+            default exact for the first W steps, then asynchronous.
+        batch_parallel: B groups, each running the schedule on its slice of the batch (Note
+            [batch slices]); the segments are then captured at the sliced batch.
+        latent_input: name of the latent placeholder (slices the batch when B > 1).
         compile: run every segment through ``torch.compile`` on its device
             (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at first use).
 
@@ -84,6 +91,9 @@ class ReferenceSchedule:
         stride: int = 1,
         time_shift: bool = False,
         timestep_input: str = "timestep",
+        phases: Mapping[str, Any] | None = None,
+        batch_parallel: int = 1,
+        latent_input: str = "sample",
         compile: bool = False,
     ):
         if not segments:
@@ -94,15 +104,23 @@ class ReferenceSchedule:
         self.segments = [_compiled(s) for s in segments] if compile else list(segments)
         self.warmup, self.stride, self.time_shift = warmup, stride, time_shift
         self.timestep_input = timestep_input
+        self.batch_parallel, self.latent_input = batch_parallel, latent_input
+        self.policy = PhasePolicy(phases, warmup=warmup, stride=stride, branches=max(batch_parallel, 2))
         self._run: SamplingRun | None = None
 
     def reset(self, timesteps: Sequence[float | int]) -> None:
         """Start a sampling run over ``timesteps`` (the values the loop feeds the model, in order)."""
-        table = make_schedule(len(self.segments), len(timesteps), warmup=self.warmup, stride=self.stride,
-                              time_shift=self.time_shift)
-        self._run = SamplingRun(timesteps, table)
-        self._latest: dict[str, Any] = {}  # the newest value of every stale output of slots 0..N-1
-        self._kept: dict[tuple[int, int], Tensor] = {}  # (slot, step) -> model output still to be used
+        self.policy.reset(len(timesteps))
+
+        def remake() -> list[Step]:
+            return make_schedule(len(self.segments), len(timesteps), warmup=self.warmup, stride=self.stride,
+                                 time_shift=self.time_shift, exact=self.policy.mask)
+
+        self._run = SamplingRun(timesteps, remake(), remake=remake)
+        # per batch group: the newest value of every stale output of slots 0..N-1, and
+        # (slot, step) -> model output still to be used
+        self._latest: list[dict[str, Any]] = [{} for _ in range(self.batch_parallel)]
+        self._kept: list[dict[tuple[int, int], Tensor]] = [{} for _ in range(self.batch_parallel)]
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """ε of the next step, from the model inputs by captured placeholder name.
@@ -115,22 +133,31 @@ class ReferenceSchedule:
         if run is None:
             raise ScheduleError("call reset(timesteps) before the first step of a run")
         step = run.advance(inputs, self.timestep_input)
+        eps = torch.cat([
+            self._group_step(run, step, split_batch(inputs, self.batch_parallel, g, latent=self.latent_input), g)
+            for g in range(self.batch_parallel)
+        ])
+        self.policy.observe(step.index, eps)
+        return eps
+
+    def _group_step(self, run: SamplingRun, step: Step, inputs: Mapping[str, Tensor], group: int) -> Tensor:
+        latest, kept = self._latest[group], self._kept[group]
         n = len(self.segments)
         made: dict[str, Any] = {}
         for work in step.work:
             segment = self.segments[work.segment]
             check_inputs(segment, inputs, step.index)
             feed = step_inputs(inputs, self.timestep_input, run.timestep_value(work, step))
-            source = {**self._latest, **made} if step.chained else self._latest
+            source = {**latest, **made} if step.chained else latest
             args = [feed[name] for name in segment.inputs] + [source[name] for name in segment.receives]
             with torch.no_grad():  # stale values must not keep autograd graphs alive across steps
                 values = dict(zip(segment.outputs, segment.module(*args)))
             if OUTPUT in values and (work.slot, step.index) in run.eps_sources:
-                self._kept[(work.slot, step.index)] = values[OUTPUT]
+                kept[(work.slot, step.index)] = values[OUTPUT]
             if work.slot < n:
                 made.update((k, v) for k, v in values.items() if k != OUTPUT)
-        self._latest.update(made)
-        return self._kept.pop(step.eps)
+        latest.update(made)
+        return kept.pop(step.eps)
 
 
 def check_inputs(segment: RunnableSegment, inputs: Mapping[str, Tensor], step: int) -> None:
@@ -147,10 +174,19 @@ class SamplingRun:
     """Bookkeeping of one sampling run shared by the reference and the runtime: step counter,
     timestep values, and the check that the loop feeds the timesteps given to reset()."""
 
-    def __init__(self, timesteps: Sequence[Any], table: list[Step]):
+    def __init__(self, timesteps: Sequence[Any], table: list[Step], remake: Callable[[], list[Step]] | None = None):
         self.timesteps = [t.item() if isinstance(t, Tensor) else t for t in timesteps]  # None: not checked
         self.table = table
         self.next = 0
+        self.eps_sources = {step.eps for step in table}
+        self.remake = remake  # a policy's table as decided so far (Note [phases]), re-read every step
+
+    def replan(self, table: list[Step]) -> None:
+        """Follow a table that a switching policy has decided further; the steps run so far must not change."""
+        if table[: self.next] != self.table[: self.next]:
+            raise ScheduleError(f"a switching policy changed steps already run (before step {self.next}); "
+                                f"it must fix step s + decided_ahead(stride) before step s runs")
+        self.table = table
         self.eps_sources = {step.eps for step in table}
 
     def advance(self, inputs: Mapping[str, Tensor], timestep_input: str) -> Step:
@@ -158,6 +194,8 @@ class SamplingRun:
             raise ScheduleError(
                 f"step {self.next + 1} of a run of {len(self.table)} timesteps; call reset(timesteps) to start a new run"
             )
+        if self.remake is not None:
+            self.replan(self.remake())
         step = self.table[self.next]
         given = inputs.get(timestep_input)
         value = self.timesteps[step.index]
