@@ -95,6 +95,10 @@ class OnnxBackend:
         return config if config.guidance is not None else replace(config, guidance=5.0)
 
     def compile(self, config: RunConfig, plan: Plan, settings: RunSettings) -> _OnnxJob:
+        if plan.batch_parallel > 1 or plan.phases is not None:
+            raise ConfigError(f"the ONNX runtime runs segment plans only; this plan has batch_parallel="
+                              f"{plan.batch_parallel} and phases {plan.phases}: run the torch model, or plan "
+                              f"without --batch-parallel/--phases")
         model = load_for_plan(plan, config.plan, config.model)
         ready = ready_onnx_segments(model, plan, world_size=settings.world, stride=settings.stride, plan_path=config.plan,
                                     threads=config.threads or 1)

@@ -9,6 +9,11 @@ compiles the plan once (:func:`~asyncdiff_partition.fx.ready.ready_segments`); e
 same pipeline around the shipped model (its other segments' weights stand-ins), runs it with its
 :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser` in place of the denoiser, and keeps only
 its own weights (:func:`release_weights`); rank 0 saves the images.
+
+A hybrid plan (``batch_parallel`` B > 1, or a switching policy in ``phases``) is captured at
+batch / B, the rows of one batch group (its profile's shape), and runs each rank's
+:class:`~asyncdiff_partition.runtime.hybrid.HybridDenoiser` instead; the pipeline still samples
+the whole batch.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, wrap_pipeline
 from asyncdiff_partition.runtime.report import peak_resident_bytes, resident_bytes
 from asyncdiff_partition.runtime.settings import RunConfig, RunSettings, latent_shape
 
-__all__ = ["TorchBackend", "default_guidance", "release_weights"]
+__all__ = ["TorchBackend", "default_guidance", "is_hybrid", "release_weights", "whole_batch"]
 
 
 @dataclass
@@ -76,8 +81,9 @@ class TorchBackend:
 
         assert job.built is not None
         schedule = ReferenceSchedule(job.ready, warmup=settings.warmup, stride=settings.stride,
-                                     timestep_input="timestep", compile=config.compile)
-        wrap_pipeline(job.built.pipe, schedule, job.shell)
+                                     timestep_input="timestep", compile=config.compile, phases=plan.phases,
+                                     batch_parallel=plan.batch_parallel, latent_input=job.shell.latent.name)
+        wrap_pipeline(job.built.pipe, schedule, whole_batch(job.shell, plan.batch_parallel))
         return {**_sample(config, job.built, schedule, rank=0, steps=settings.steps, images=job.images),
                 "peak_rss": peak_resident_bytes()}
 
@@ -85,20 +91,23 @@ class TorchBackend:
         """Builds the same pipeline as every other rank around the shipped model (weights of
         other segments are stand-ins), runs it with this rank's AsyncDenoiser in place of the
         denoiser and keeps only this rank's weights (:func:`release_weights`)."""
-        from asyncdiff_partition.core.schedule import slot_segment
+        from asyncdiff_partition.core.schedule import n_slots, slot_segment
         from asyncdiff_partition.runtime import comm
         from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+        from asyncdiff_partition.runtime.hybrid import HybridDenoiser
 
         rank, device = comm.rank(), comm.device()
-        segment, shell = shipped.load(slot_segment(rank, plan.n_devices))
+        slot = rank % n_slots(plan.n_devices, settings.stride)  # the rank within its batch group
+        segment, shell = shipped.load(slot_segment(slot, plan.n_devices))
         built, shell, images = _prepare(config, plan, device=device, captured=shell)
-        denoiser = AsyncDenoiser(segment, plan, input_names=[s.name for s in shell.inputs], latent=shell.latent.name,
-                                 warmup=settings.warmup, stride=settings.stride, timestep_input="timestep",
-                                 timeout_s=config.timeout_s, compile=config.compile,
-                                 example=dict(zip((s.name for s in shell.inputs), shell.example)))
-        wrap_pipeline(built.pipe, denoiser, _inputs_only(shell))
+        options: dict[str, Any] = dict(input_names=[s.name for s in shell.inputs], latent=shell.latent.name, warmup=settings.warmup,
+                       stride=settings.stride, timestep_input="timestep", timeout_s=config.timeout_s,
+                       compile=config.compile, example=dict(zip((s.name for s in shell.inputs), shell.example)))
+        denoiser: Any = HybridDenoiser(segment, plan, **options) if is_hybrid(plan) else AsyncDenoiser(segment, plan,
+                                                                                                          **options)
+        wrap_pipeline(built.pipe, denoiser, whole_batch(_inputs_only(shell), plan.batch_parallel))
         del shell, segment, shipped
-        module = denoiser._segment.module
+        module = (denoiser.inner if isinstance(denoiser, HybridDenoiser) else denoiser)._segment.module
         assert isinstance(module, torch.nn.Module)
         kept = release_weights(built.model, module)  # the only weights this rank needs
         result = _sample(config, built, denoiser, rank=rank, steps=settings.steps, images=images)
@@ -121,13 +130,13 @@ def _prepare(
     images a run makes.
     """
     assert config.model is not None and config.guidance is not None  # set by TorchBackend.configure
-    batch, size, _ = latent_shape(plan, config.plan)
+    batch, size, _ = latent_shape(plan, config.plan)  # a hybrid plan's profile: one batch group's rows
     model = captured.model if captured is not None else None
     built = build_pipeline(config.model, seed=config.seed, sample_size=size, model=model)
     if captured is not None:  # a shipped shell: its weight stand-ins must not grow to full size on the device
         move_captured(captured, device)
     built.pipe.to(device)  # before a capture: the graph's constants live where the model does
-    images = built.images_for_batch(batch, config.guidance)
+    images = built.images_for_batch(batch * plan.batch_parallel, config.guidance)
     if captured is None:
         captured = capture_for_pipeline(built, batch=batch, sample_size=size, verify=verify)
     return built, captured, images
@@ -154,6 +163,22 @@ def release_weights(model: torch.nn.Module, keep: torch.nn.Module) -> int:
                 is_param = isinstance(t, torch.nn.Parameter)
                 store[name] = torch.nn.Parameter(meta, requires_grad=False) if is_param else meta  # type: ignore[assignment]
     return kept
+
+
+def is_hybrid(plan: Any) -> bool:
+    """Whether a plan runs as batch groups or with a switching policy (runtime.hybrid)."""
+    return bool(plan.batch_parallel > 1 or plan.phases is not None)
+
+
+def whole_batch(captured: CapturedModel, batch_parallel: int) -> CapturedModel:
+    """The capture of one batch group (batch / B rows) as the pipeline calls it: the batch inputs
+    (leading dimension that of the latent, Note [batch slices]) with B times the rows."""
+    if batch_parallel == 1:
+        return captured
+    rows = captured.latent.shape[0]
+    inputs = [replace(spec, shape=(spec.shape[0] * batch_parallel, *spec.shape[1:]))
+              if spec.shape and spec.shape[0] == rows else spec for spec in captured.inputs]
+    return replace(captured, inputs=inputs)
 
 
 def _inputs_only(captured: CapturedModel) -> CapturedModel:

@@ -94,20 +94,22 @@ def run_settings(config: RunConfig, plan: Any) -> RunSettings:
 
     Raises:
         ConfigError: steps < 1, warmup < 0, a stride other than 1 or 2, or ``nproc`` other than
-            the plan's world size (N + stride - 1).
+            the plan's world size (B x (N + stride - 1), core.schedule.world_size).
     """
-    from asyncdiff_partition.core.schedule import n_slots
+    from asyncdiff_partition.core.schedule import world_size
 
     steps = config.steps if config.steps is not None else plan.steps
     warmup = config.warmup if config.warmup is not None else plan.warmup
     stride = config.stride if config.stride is not None else plan.stride
     if steps < 1 or warmup < 0:
         raise ConfigError(f"need steps >= 1 and warmup >= 0; got {steps}, {warmup}")
-    world = n_slots(plan.n_devices, stride)
+    groups = getattr(plan, "batch_parallel", 1)
+    world = world_size(plan.n_devices, stride, groups)
     if not config.reference and config.nproc is not None and config.nproc != world:
+        shape = "" if groups == 1 else f" in each of {groups} batch groups"
         raise ConfigError(
-            f"the plan needs {world} processes ({plan.n_devices} segments, stride {stride}) but --nproc is "
-            f"{config.nproc}; leave --nproc out or make a plan with --devices {config.nproc - stride + 1}"
+            f"the plan needs {world} processes ({plan.n_devices} segments, stride {stride}{shape}) but --nproc is "
+            f"{config.nproc}; leave --nproc out or make a plan for {config.nproc} devices"
         )
     return RunSettings(steps, warmup, stride, world)
 
