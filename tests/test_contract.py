@@ -450,3 +450,10 @@ def test_twenty_launches_leave_no_process_folder_or_descriptor(tmpdir_env):
     assert len(os.listdir("/proc/self/fd")) <= before_fds
     assert list(tmpdir_env.iterdir()) == []
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_a_warmup_that_covers_every_step_is_noted():
+    from asyncdiff_partition.runtime.settings import RunSettings
+
+    assert "every step runs exactly" in RunSettings(steps=5, warmup=50, stride=1, world=2).note
+    assert RunSettings(steps=20, warmup=1, stride=1, world=2).note is None

@@ -35,3 +35,11 @@ def test_read_json_names_the_problem_and_the_fix(tmp_path):
     write_json_atomic(tmp_path / "p.json", {"kind": "profile", "schema_version": 1})
     with pytest.raises(FileFormatError, match="is not a plan file"):
         read_json(tmp_path / "p.json", kind="plan", schema_version=1, fix="run X")
+
+
+def test_an_unwritable_path_is_named_not_its_temp_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"cannot write '{blocker / 'out.json'}'") as error:
+        write_atomic(blocker / "out.json", "x")
+    assert ".tmp" not in str(error.value)

@@ -29,9 +29,12 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
         write_atomic("out/fidelity.md", markdown)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # name the file asked for, not the temp file beside it
+        raise OSError(f"cannot write {str(path)!r} ({error.strerror}); choose another path") from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -41,6 +44,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"cannot write {str(path)!r} ({error.strerror})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -19,6 +19,7 @@ placements made and splits run (``compiler_counts_per_rank``; zero on spawned ra
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
@@ -67,6 +68,8 @@ def run_plan(config: RunConfig, backend: Backend | None = None) -> dict[str, Any
     settings = run_settings(config, plan)
     config = replace(config, threads=config.threads or max(1, torch.get_num_threads() // settings.world))
     check_run(config, plan, settings.world)  # devices, temp space, --out: before any capture or rank
+    if settings.note and not config.reference:
+        print(f"note: {settings.note}", file=sys.stderr)  # before the run, which may take long
     meta: dict[str, Any] = {"model": config.model, "plan": str(config.plan), "mode": "reference" if config.reference else "async",
             "runtime": backend.runtime, "n_devices": plan.n_devices, "stride": settings.stride,
             "world_size": 1 if config.reference else settings.world, "steps": settings.steps,

@@ -88,6 +88,14 @@ class RunSettings:
     stride: int
     world: int
 
+    @property
+    def note(self) -> str | None:
+        """What a user may not have meant: a warm-up that covers every step runs no step asynchronously."""
+        if self.warmup >= self.steps:
+            return (f"warm-up {self.warmup} >= steps {self.steps}: every step runs exactly (the unsplit model's "
+                    f"output) and none asynchronously; lower --warmup for a speedup")
+        return None
+
 
 def run_settings(config: RunConfig, plan: Any) -> RunSettings:
     """The run's settings: ``config``'s, else the plan's; and the ``--nproc`` check.
