@@ -11,12 +11,13 @@ The stages, and the subpackage each lives in::
     profile    fx/profiler.py      per-node cost on the target device -> core/profile.py (the file)
     partition  core/partition.py   exact min-max split into N contiguous segments (no torch)
     plan       core/plan.py        the saved result, with predicted and ideal speedups
-    split      fx/split.py         one fx.GraphModule per segment
+    placement  core/placement.py   which node runs in which segment, what each sends and receives
+    split      fx/split.py         one fx.GraphModule per segment (fx/ready.py: finished segments)
     schedule   core/schedule.py    the asynchronous schedule as one table (no torch);
                runtime/reference.py evaluates it in one process
     run        runtime/            the schedule on N ranks: comm (the only torch.distributed
                                    user), launch, denoiser (one rank), job (the `run` command)
-    pipelines  pipelines/          diffusers pipelines and plain loops driving the schedule; the zoo
+    pipelines  pipelines/          parallelize(pipe) for any diffusers pipeline, plain loops; the zoo
     onnx       onnx/               .onnx models through the same graph, plan and runtime
     evaluation evaluation/         fidelity of asynchronous against sequential samples
 
