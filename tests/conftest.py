@@ -1,13 +1,20 @@
-"""Shared test set-up: one thread per process (the suite shares 2 cores), tiny zoo models."""
+"""Shared test set-up: one thread per process (the suite shares 2 cores), tiny zoo models.
+
+Ranks are started from a fork server (Note [forkserver] in runtime/launch.py) that imports
+torch and diffusers once for the whole session, in this process and in the command-line runs
+the tests start: the suite launches dozens of runs, each rank would import them again.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ.setdefault("ASYNCDIFF_START_METHOD", "forkserver")
 
 
 @functools.cache

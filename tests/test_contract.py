@@ -452,6 +452,23 @@ def test_twenty_launches_leave_no_process_folder_or_descriptor(tmpdir_env):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
+def _environment_of_rank(name: str) -> tuple[str | None, str]:
+    return os.environ.get(name), os.environ["RANK"]
+
+
+def test_forkserver_ranks_see_the_launching_environment_of_the_moment(monkeypatch):
+    """The fork server keeps the environment it started with; its ranks get the launcher's (Note [forkserver])."""
+    monkeypatch.setenv("ASYNCDIFF_TEST_FLAG", "first")
+    assert launch(_environment_of_rank, ("ASYNCDIFF_TEST_FLAG",), 2, start_method="forkserver") == {
+        0: ("first", "0"), 1: ("first", "1")}
+    monkeypatch.setenv("ASYNCDIFF_TEST_FLAG", "second")
+    assert launch(_environment_of_rank, ("ASYNCDIFF_TEST_FLAG",), 2, start_method="forkserver")[1] == ("second", "1")
+    monkeypatch.delenv("ASYNCDIFF_TEST_FLAG")
+    assert launch(_environment_of_rank, ("ASYNCDIFF_TEST_FLAG",), 2, start_method="forkserver")[0] == (None, "0")
+    with pytest.raises(AsyncDiffError, match="start method must be one of spawn, fork, forkserver, got 'threads'"):
+        launch(_square, (1,), 2, start_method="threads")
+
+
 def test_a_warmup_that_covers_every_step_is_noted():
     from asyncdiff_partition.runtime.settings import RunSettings
 

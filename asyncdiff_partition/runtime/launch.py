@@ -52,6 +52,21 @@ _POLL_S = 0.1
 # that temp folders are removed on the way out; while the agent runs, its own handler raises
 # SignalException, which launch turns into Interrupted too.
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# Note [forkserver]
+# With ``start_method="forkserver"`` one server process, started by the first such launch of
+# this process, imports torch, diffusers and transformers once; that launch and every later one
+# fork their ranks from it, which saves each rank those imports (about 10 s for a diffusers
+# pipeline on the 2-core development machine; the test suite launches this way, see
+# tests/conftest.py). The server is started before the launch's temp folder exists (its socket
+# must outlive the launch) and keeps the environment it was started with, so each worker
+# rebuilds the launching process's environment of the moment, plus what the agent set for it
+# (RANK, MASTER_ADDR, ...: the keys whose values differ from the server's). Variables read only
+# while torch is imported (OMP_NUM_THREADS at import, for one) keep the server's values.
+_PRELOAD = ("torch", "torch.distributed", "diffusers", "transformers", __name__)
+_START_METHODS = ("spawn", "fork", "forkserver")
+START_ENV = "ASYNCDIFF_START_METHOD"  # how launch starts workers when not told: spawn (default), fork, forkserver
+_server_environment: dict[str, str] | None = None
 _LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run", "torch.multiprocessing")
 DEBUG_ENV = "ASYNCDIFF_DEBUG"  # set (by --debug): keep torch's logs and warnings
 
@@ -110,7 +125,7 @@ def launch(
     timeout_s: float = 60.0,
     rdzv_endpoint: str = "127.0.0.1:0",
     rdzv_id: str | None = None,
-    start_method: str = "spawn",
+    start_method: str | None = None,
 ) -> dict[int, Any]:
     """Run ``entrypoint(*args)`` on ``nproc`` new processes of this node (torch elastic agent).
 
@@ -135,7 +150,8 @@ def launch(
         timeout_s: process-group timeout for the workers.
         rdzv_endpoint: ``host:port`` of the rendezvous; port 0 picks a free port (one node only).
         rdzv_id: rendezvous id shared by the nodes; default a fresh one (one node only).
-        start_method: ``spawn`` (default), ``fork`` or ``forkserver``.
+        start_method: ``spawn``, ``fork`` or ``forkserver`` (Note [forkserver]); default
+            ``$ASYNCDIFF_START_METHOD``, else ``spawn``.
 
     Returns:
         Global rank -> the entrypoint's return value, for this node's workers.
@@ -147,6 +163,9 @@ def launch(
     """
     if nproc < 1 or nnodes < 1:
         raise ConfigError(f"need nproc >= 1 and nnodes >= 1, got nproc={nproc}, nnodes={nnodes}")
+    start_method = start_method or os.environ.get(START_ENV) or "spawn"
+    if start_method not in _START_METHODS:
+        raise ConfigError(f"start method must be one of {', '.join(_START_METHODS)}, got {start_method!r}")
     host, _, port = rdzv_endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"rdzv_endpoint must be host:port, got {rdzv_endpoint!r}")
@@ -161,12 +180,14 @@ def launch(
     if not os.environ.get(DEBUG_ENV):  # the ranks' and multiprocessing's resource tracker's warnings
         environment["PYTHONWARNINGS"] = "ignore"
     try:
-        with _quiet(), _environment(**environment), _temp_dir(folder):
-            watchdog.start()
-            return comm.run_workers(
-                _worker, (entrypoint, tuple(args), folder, float(timeout_s)), nproc=nproc, nnodes=nnodes,
-                endpoint=f"{host}:{port}", run_id=rdzv_id or uuid.uuid4().hex, start_method=start_method,
-            )
+        with _quiet(), _environment(**environment):
+            environments = (dict(os.environ), _start_forkserver(entrypoint)) if start_method == "forkserver" else None
+            with _temp_dir(folder):
+                watchdog.start()
+                return comm.run_workers(
+                    _worker, (entrypoint, tuple(args), folder, float(timeout_s), environments), nproc=nproc, nnodes=nnodes,
+                    endpoint=f"{host}:{port}", run_id=rdzv_id or uuid.uuid4().hex, start_method=start_method,
+                )
     except comm.WorkersFailed as failed:
         _end_partial_line()
         raise _launch_error(failed.failures, folder, watchdog.killed) from None
@@ -191,8 +212,28 @@ def _end_partial_line() -> None:
         sys.stderr.flush()
 
 
-def _worker(entrypoint: Callable[..., Any], args: tuple, folder: str, timeout_s: float) -> Any:
+def _start_forkserver(entrypoint: Callable[..., Any]) -> dict[str, str]:
+    """Start this process's fork server unless it runs; the environment it was started with (Note [forkserver])."""
+    global _server_environment
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver  # the module-level server multiprocessing's own API starts
+    before = server._forkserver_pid  # private: None, or the pid of the server started last
+    forkserver.set_forkserver_preload([*_PRELOAD, entrypoint.__module__])
+    forkserver.ensure_running()
+    if _server_environment is None or server._forkserver_pid != before:
+        _server_environment = dict(os.environ)
+    return _server_environment
+
+
+def _worker(entrypoint: Callable[..., Any], args: tuple, folder: str, timeout_s: float,
+            environments: tuple[dict[str, str], dict[str, str]] | None = None) -> Any:
     """Runs in each worker: the entrypoint, with its pid, failure or success written down for :func:`launch`."""
+    if environments is not None:  # forked from the fork server: the launcher's environment + the agent's keys
+        launcher, server = environments
+        agent = {key: value for key, value in os.environ.items() if server.get(key) != value}
+        os.environ.clear()
+        os.environ.update({**launcher, **agent})
     for sig in _SIGNALS:  # Note [signals]: die at once, quietly
         signal.signal(sig, signal.SIG_DFL)
     if not os.environ.get(DEBUG_ENV):
