@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/asyncdiff-partition demo
 
+# Two pytest workers, one per core, each test file on one worker (its module fixtures built
+# once); ranks start from a fork server that imported torch once (tests/conftest.py). 13 min -> 6.
 test: check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Also the slow tests (full-size models, 2-rank runs of every pipeline family).
 test-all: check
-	ASYNCDIFF_SLOW=1 $(PY) -m pytest -q
+	ASYNCDIFF_SLOW=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # Static checks, run by `make test` (and so by CI): lint and import order, then types
 # (strict on the torch-free core, normal elsewhere; settings in pyproject.toml).
