@@ -1,6 +1,6 @@
 """Every pipeline family through its real diffusers class: parallelize() against the unwrapped pipeline.
 
-Tiny random components (tests/tiny_pipelines.py). For each family the reference schedule with
+Tiny random components (tests/tiny_pipelines.py). For every family the reference schedule with
 W >= T equals the pipeline exactly, W = 1 stays finite (its max difference is printed), and on
 2 real gloo processes the asynchronous run equals the reference schedule on the same plan (the
 reference run's plan, saved and handed to the ranks: rank 0 loads it and sends it to rank 1).
@@ -22,7 +22,6 @@ from asyncdiff_partition.pipelines.parallelize import parallelize
 from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser
 
 STEPS = 3
-MULTI_PROCESS = ["sd", "sdxl", "sd3", "controlnet", "flux"]  # 2 ranks in the default suite; the rest: slow
 DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "controlnet": "unet",
             "upscaler": "unet", "pixart": "transformer", "svd": "unet", "animatediff": "unet", "dit": "transformer",
             "ddpm": "unet"}
@@ -70,9 +69,11 @@ def test_reference_schedule_reproduces_the_pipeline(family, reference):
     print(f"{family}: W=1 max abs diff vs the pipeline {(runs['stale'] - runs['original']).abs().max().item():.3g}")
 
 
-def _two_ranks_equal_the_reference(families, folders, reference):
+def test_two_ranks_equal_the_reference_schedule(folders, reference):
+    """Every family, one launch: rank 0 loads each family's plan file and sends it to rank 1."""
     from asyncdiff_partition.runtime.launch import launch
 
+    families = list(FAMILIES)
     plans = {family: reference(family)["plan"] for family in families}
     results = launch(tiny_pipelines.parallel_sample, (families, folders[0], folders[1], STEPS, plans), nproc=2,
                      timeout_s=180)
@@ -82,12 +83,3 @@ def _two_ranks_equal_the_reference(families, folders, reference):
         assert plan == results[1][family][1] and plan["boundaries"] == reference(family)["boundaries"]
         torch.testing.assert_close(output, reference(family)["stale"], msg=f"{family}: 2 ranks vs the reference")
 
-
-def test_two_ranks_equal_the_reference_schedule(folders, reference):
-    _two_ranks_equal_the_reference(MULTI_PROCESS, folders, reference)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("ASYNCDIFF_SLOW"), reason="set ASYNCDIFF_SLOW=1 (make test-all)")
-def test_two_ranks_equal_the_reference_schedule_for_the_other_families(folders, reference):
-    _two_ranks_equal_the_reference([f for f in FAMILIES if f not in MULTI_PROCESS], folders, reference)
