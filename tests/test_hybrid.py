@@ -248,6 +248,19 @@ def test_planner_costs_every_factorisation_and_keeps_the_fidelity_budget():
         make_hybrid_plan(_profile(2), 3, sliced=_profile(1), batch_parallel=3)
 
 
+def test_a_near_tie_goes_to_fewer_weights_per_rank():
+    from asyncdiff_partition.core.hybrid_plan import _choose, make_hybrid_plan
+
+    two = {c.name: c for c in make_hybrid_plan(_profile(2), 2, sliced=_profile(1), steps=20).candidates}
+    whole, halves = two["B1 N1 S2"], two["B1 N2 S1"]
+    assert halves.weights_per_rank < whole.weights_per_rank == sum(s.param_bytes for s in whole.plan.segments)
+    whole, halves = dataclasses.replace(whole, speedup=1.905), dataclasses.replace(halves, speedup=1.900)
+    winner, why = _choose([whole, halves], 1)  # 0.3 % apart, one stale hop each
+    assert winner is halves and "the least weight per rank" in why
+    winner, _ = _choose([dataclasses.replace(whole, speedup=1.95), halves], 1)  # 2.6 % apart: speed wins
+    assert winner.name == "B1 N1 S2"
+
+
 def test_plan_command_writes_a_hybrid_plan_that_loads_and_old_plans_still_load(tmp_path):
     import json
 

@@ -18,7 +18,10 @@ the link bandwidth (free when no bandwidth is given). Steps that run exact are t
 Fidelity is budgeted by *stale hops*, N S - 1: the number of one-step-stale hand-overs
 between an async step's input and its ε (B groups and exact steps add none). The default
 budget, 1, is the fidelity of N = 2 segments alone; the fastest candidate within it wins, a
-tie (within 1 %) going to fewer stale hops.
+tie (within 1 %) going to fewer stale hops, then to fewer weights per rank (the largest
+segment's parameter bytes): less memory per rank, and on the 2-core machine the faster run too
+(the SD 2.1 UNet's B1 N1 S2, every rank the whole model, was predicted 0.4 % faster than
+B1 N2 S1 and ran 6-10 % slower in both repeats; benchmarks/hybrid/README.md).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from asyncdiff_partition.core.phases import PhaseError, check_phases
 from asyncdiff_partition.core.plan import Plan, PlanError, format_plan, ideal_speedup, make_plan
 from asyncdiff_partition.core.profile import Profile
 from asyncdiff_partition.core.schedule import exact_mask, world_size
+from asyncdiff_partition.core.summary import format_bytes
 
 __all__ = ["Candidate", "HybridChoice", "format_candidates", "make_hybrid_plan", "plan_hybrid_file"]
 
@@ -57,6 +61,11 @@ class Candidate:
     @property
     def name(self) -> str:
         return f"B{self.batch_parallel} N{self.n_devices} S{self.stride}"
+
+    @property
+    def weights_per_rank(self) -> int:
+        """Parameter bytes of the largest segment: what the busiest rank holds."""
+        return max(s.param_bytes for s in self.plan.segments)
 
 
 @dataclass
@@ -175,12 +184,13 @@ def _choose(candidates: list[Candidate], budget: int) -> tuple[Candidate, str]:
     pool = fitting or candidates
     best = max(c.speedup for c in pool)
     near = [c for c in pool if c.speedup >= 0.99 * best]
-    winner = min(near, key=lambda c: (c.stale_hops, -c.speedup))
+    winner = min(near, key=lambda c: (c.stale_hops, c.weights_per_rank, -c.speedup))
     why = f"{winner.name}: predicted {winner.speedup:.2f}x with {winner.stale_hops} stale hop(s)"
     if not fitting:
         why += f"; no candidate within the fidelity budget of {budget} stale hop(s), so the fastest of all"
     elif len(near) > 1:
-        why += f", the fewest stale hops among those within 1 % of the fastest ({', '.join(c.name for c in near)})"
+        why += (f", the fewest stale hops, then the least weight per rank, among those within 1 % of the fastest "
+                f"({', '.join(c.name for c in near)})")
     else:
         why += f", the fastest within the budget of {budget} stale hop(s)"
     faster = [c for c in candidates if not c.fits and c.speedup > winner.speedup]
@@ -192,14 +202,14 @@ def _choose(candidates: list[Candidate], budget: int) -> tuple[Candidate, str]:
 def format_candidates(choice: HybridChoice) -> str:
     """One row per candidate: predicted speedup beside the ideal, step costs, stale hops; then why."""
     rows = [("candidate", "world", "async step ms", "exact step ms", "all-gather ms", "predicted", "ideal",
-             "stale hops", "")]
+             "stale hops", "weights/rank", "")]
     for c in sorted(choice.candidates, key=lambda c: -c.speedup):
         mark = "<- chosen" if c is choice.winner else ("" if c.fits else "over budget")
         rows.append((c.name, str(world_size(c.n_devices, c.stride, c.batch_parallel)), f"{c.step_ms:.1f}",
                      f"{c.exact_step_ms:.1f}", f"{c.gather_ms:.2f}", f"{c.speedup:.2f}x", f"{c.ideal:.2f}x",
-                     str(c.stale_hops), mark))
+                     str(c.stale_hops), format_bytes(c.weights_per_rank), mark))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i in (0, 8) else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(cell.ljust(w) if i in (0, 9) else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join([*lines, f"why: {choice.why}"])
