@@ -219,11 +219,17 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option("--phases", "phases_json", default=None,
               help='Switching policy as JSON, e.g. \'{"kind": "fixed", "async_steps": [5, 20]}\' or '
                    '\'{"kind": "adaptive", "threshold": 0.3}\'.')
+@click.option("--extrapolation", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="λ: asynchronous steps read v(s-1) + λ (v(s-1) - v(s-2)) for the stale v(s-1) "
+                   "(stride 1; `eval` finds a good λ for a model).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @user_errors
 def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
-         measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, out_path) -> None:
+         measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, extrapolation, out_path) -> None:
     """Partition a profiled model into N latency-balanced segments and save the plan."""
+    if (sliced_path or batch_parallel or phases_json) and extrapolation:
+        raise click.UsageError("--extrapolation makes segment plans (one batch group); leave it out of hybrid "
+                               "plans (--profile-sliced, --batch-parallel, --phases)")
     if sliced_path or batch_parallel or phases_json:
         click.echo(plan_hybrid_file(profile_path, n_devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
                                     max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup,
@@ -233,7 +239,8 @@ def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, 
     options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
                    bandwidth_gbps=bandwidth, link_latency_ms=latency_ms)
     hand = [b for b in boundaries.split(",") if b.strip()] if boundaries else None
-    result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), **options)
+    result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), extrapolation=extrapolation,
+                       **options)
     result.save(out_path)
     hand_plan = make_asyncdiff_plan(loaded, n_devices, **options) if compare else None
     measure_plan = _plan_timer(model_spec or loaded.model) if measure else None

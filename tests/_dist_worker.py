@@ -91,6 +91,7 @@ def run_jobs(blobs: dict[str, bytes], jobs: list[dict[str, Any]], timesteps: lis
         runs = []
         for case in job["cases"]:
             denoiser.warmup, denoiser.time_shift = case["warmup"], case["time_shift"]
+            denoiser.extrapolation = case.get("extrapolation", 0.0)  # like warmup, takes effect at reset
             eps, x = sample(denoiser, feed, latent, timesteps)
             runs.append({"case": case, "eps": eps, "x": x, "report": denoiser.report(), "spans": denoiser.spans()})
         segment = slot_segment(rank, job["plan"].n_devices)

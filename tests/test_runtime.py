@@ -32,6 +32,10 @@ TIMESTEPS = [900, 650, 400, 150]
 # W = T every step a warm-up step.
 CASES = [{"warmup": 0, "time_shift": False}, {"warmup": 2, "time_shift": False},
          {"warmup": len(TIMESTEPS), "time_shift": False}, {"warmup": 0, "time_shift": True}]
+# Stride 1 also reads its stale values extrapolated (Note [extrapolation]); with T = 4 and W = 1
+# step 1 reads plainly and steps 2-3 extrapolate.
+EXTRAPOLATED = [{"warmup": 0, "time_shift": False, "extrapolation": 0.5},
+                {"warmup": 1, "time_shift": True, "extrapolation": 1.0}]
 LAUNCHES = {2: [(2, 1)], 3: [(3, 1), (2, 2)], 4: [(3, 2)]}  # world size -> (N, stride) plans
 
 
@@ -65,7 +69,7 @@ def _jobs(world: int) -> list[dict]:
     for name in MODELS:
         for n, stride in LAUNCHES[world]:
             jobs.append({"key": f"{name} N{n} S{stride}", "model": name, "plan": _plan(name, n, stride),
-                         "cases": CASES})
+                         "cases": CASES + EXTRAPOLATED if stride == 1 else CASES})
     if world == 2:
         unet, dit = MODELS
         jobs.append({"key": "chunk", "model": "chunk", "plan": _chunk_model()[1], "cases": CASES[:2]})

@@ -20,6 +20,10 @@ Plan file fields for the cut's objective (optional; a file without them is a lat
     staleness   None, or one float per cut (N - 1): the profile's staleness at each inner
                 boundary (:meth:`~asyncdiff_partition.core.profile.Profile.cut_staleness`); the
                 summed value is ``predicted["staleness"]``.
+    extrapolation  λ in [0, 1] (0 with stride 2): asynchronous steps read
+                v(s-1) + λ (v(s-1) - v(s-2)) instead of the stale v(s-1) (Note [extrapolation]
+                in runtime/extrapolation.py); 0, the default, is AsyncDiff's plain read. It
+                changes no cut and no predicted latency; ``eval`` chooses it on a calibration batch.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from asyncdiff_partition.core.partition import (
     evaluate_boundaries,
 )
 from asyncdiff_partition.core.placement import place
-from asyncdiff_partition.core.schedule import ScheduleError, check_stride, n_slots
+from asyncdiff_partition.core.schedule import ScheduleError, check_extrapolation, check_stride, n_slots
 from asyncdiff_partition.core.schedule import world_size as schedule_world_size
 
 __all__ = [
@@ -118,6 +122,7 @@ class Plan:
     phases: dict[str, Any] | None = None  # the switching policy (core.phases, runtime.policy); None: the warm-up
     objective: dict[str, Any] = field(default_factory=lambda: {"kind": "latency", "latency_slack": 0.0})
     staleness: list[float] | None = None
+    extrapolation: float = 0.0
     schema_version: int = SCHEMA_VERSION
     kind: str = field(default="plan", repr=False)
 
@@ -258,6 +263,7 @@ def make_plan(
     boundaries: Sequence[str] | None = None,
     profile_path: str = "",
     latency_slack: float = 0.0,
+    extrapolation: float = 0.0,
 ) -> Plan:
     """Partition a profiled model for ``n_devices`` devices.
 
@@ -275,6 +281,7 @@ def make_plan(
         latency_slack: x > 0 cuts where the profile's staleness is least among the splits
             within (1 + x) of the optimal bottleneck (plan field ``objective``); needs a
             profile calibrated for staleness. 0: the latency-optimal split.
+        extrapolation: λ, the plan field of that name (module docstring).
 
     Raises:
         PlanError: bad arguments, N larger than the graph allows, unknown module boundaries,
@@ -282,6 +289,7 @@ def make_plan(
     """
     try:
         check_stride(stride)
+        check_extrapolation(extrapolation, stride)
     except ScheduleError as error:
         raise PlanError(str(error)) from None
     if n_devices < 1:
@@ -358,6 +366,7 @@ def make_plan(
         },
         objective={"kind": "staleness" if latency_slack else "latency", "latency_slack": float(latency_slack)},
         staleness=None if cut_staleness is None else [cut_staleness[b] for b in partition.boundaries[1:-1]],
+        extrapolation=float(extrapolation),
     )
 
 
@@ -456,6 +465,8 @@ def format_plan(plan: Plan, title: str | None = None, measured: Sequence[float] 
         f"(max/mean {p['imbalance']:.3f}); predicted speedup {p['speedup']:.2f}x for T={plan.steps} "
         f"W={plan.warmup}, ideal {p['ideal_speedup']:.2f}x"
     )
+    if plan.extrapolation:
+        lines.append(f"stale values extrapolated: v(s-1) + {plan.extrapolation:g} (v(s-1) - v(s-2))")
     return "\n".join(lines)
 
 

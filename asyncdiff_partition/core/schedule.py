@@ -93,6 +93,7 @@ __all__ = [
     "ScheduleError",
     "Step",
     "Work",
+    "check_extrapolation",
     "check_stride",
     "check_timestep_input",
     "decided_ahead",
@@ -268,6 +269,19 @@ def readers(table: Sequence[Step], index: int) -> list[Work]:
     if following is not None and not following.chained:
         found.extend(following.work)
     return found
+
+
+def check_extrapolation(factor: float, stride: int) -> None:
+    """The plan field ``extrapolation`` (λ, runtime/extrapolation.py): in [0, 1], and 0 with stride 2.
+
+    Raises:
+        ScheduleError: it does not.
+    """
+    if not 0.0 <= factor <= 1.0:
+        raise ScheduleError(f"extrapolation must be between 0 (plain stale values) and 1, got {factor}")
+    if factor and stride != 1:
+        raise ScheduleError(f"extrapolation needs stride 1 (stride {stride} reads values two steps old); "
+                            f"make the plan with extrapolation 0 or stride 1")
 
 
 def check_timestep_input(timestep_input: str, names: Sequence[str], *, stride: int, time_shift: bool) -> None:

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from asyncdiff_partition.core.errors import AsyncDiffError, PlanError
 from asyncdiff_partition.core.phases import PhaseError, check_phases
 from asyncdiff_partition.core.placement import segment_inputs, segment_of
-from asyncdiff_partition.core.schedule import world_size
+from asyncdiff_partition.core.schedule import ScheduleError, check_extrapolation, world_size
 
 __all__ = ["FieldError", "check_plan_graph", "validate_plan", "validate_profile"]
 
@@ -190,7 +190,7 @@ def validate_plan(data: Mapping[str, Any], path: Any, *, fields: Collection[str]
 
 
 def _validate_objective(f: _Fields, data: Mapping[str, Any], n: int) -> None:
-    """The fidelity-aware fields (core/plan.py's "Plan file fields"); both optional."""
+    """The fidelity-aware fields (core/plan.py's "Plan file fields"); all optional."""
     if "objective" in data:
         objective = f.keys(data["objective"], "objective", known=("kind", "latency_slack"), required=("kind",))
         if objective["kind"] not in ("latency", "staleness"):
@@ -200,6 +200,12 @@ def _validate_objective(f: _Fields, data: Mapping[str, Any], n: int) -> None:
     if data.get("staleness") is not None:
         for k, value in enumerate(f.array(data["staleness"], "staleness", n - 1, " (one per inner cut)")):
             f.number(value, f"staleness[{k}]", low=0)
+    if "extrapolation" in data:
+        factor = f.number(data["extrapolation"], "extrapolation", low=0)
+        try:
+            check_extrapolation(factor, data["stride"])
+        except ScheduleError as error:
+            f.fail("extrapolation", "a number in [0, 1], and 0 with stride 2", got=f"{_show(data['extrapolation'])} ({error})")
 
 
 def _validate_segment(f: _Fields, segment: Any, k: int, boundaries: list[int], fields: Collection[str]) -> None:

@@ -114,7 +114,7 @@ class OnnxBackend:
 
         timestep = job.shell.timestep
         timed = _Timed(ReferenceSchedule(job.ready, warmup=settings.warmup, stride=settings.stride,
-                                         timestep_input=timestep))
+                                         timestep_input=timestep, extrapolation=plan.extrapolation))
         begin = time.perf_counter()
         x = sample(timed, job.shell, steps=settings.steps, seed=config.seed, guidance=config.guidance,
                    timestep_input=timestep)

@@ -118,7 +118,8 @@ def parallelize(
         from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
         segments = ready_segments(captured, chosen)
-        schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input=timestep)
+        schedule = ReferenceSchedule(segments, warmup=warmup, stride=stride, timestep_input=timestep,
+                                     extrapolation=chosen.extrapolation)
         wrap_pipeline(pipe, schedule, captured, name=recording.name, form=recording.form)
         getattr(pipe, recording.name).plan = chosen
         return pipe

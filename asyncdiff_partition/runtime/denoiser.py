@@ -46,6 +46,7 @@ from asyncdiff_partition.core.plan import Plan, PlanError
 from asyncdiff_partition.core.schedule import (
     ScheduleError,
     Step,
+    check_extrapolation,
     check_timestep_input,
     make_schedule,
     readers,
@@ -54,6 +55,7 @@ from asyncdiff_partition.core.schedule import (
 from asyncdiff_partition.fx.compile import compile_segment
 from asyncdiff_partition.fx.device_move import move_module
 from asyncdiff_partition.runtime import comm
+from asyncdiff_partition.runtime.extrapolation import StaleHistory
 from asyncdiff_partition.runtime.layout import ReadySegment, tensor_leaves
 from asyncdiff_partition.runtime.reference import SamplingRun, check_inputs, step_inputs
 
@@ -120,6 +122,8 @@ class AsyncDenoiser:
             hybrid plan's batch group, :mod:`~asyncdiff_partition.runtime.groups`); default all ranks.
         phases: an object whose ``mask`` is the exactness mask decided so far (Note [phases],
             :class:`~asyncdiff_partition.runtime.policy.PhasePolicy`); default the warm-up.
+        extrapolation: λ of Note [extrapolation] (runtime/extrapolation.py); default
+            ``plan.extrapolation``.
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -146,6 +150,7 @@ class AsyncDenoiser:
         compile: bool = False,
         group: comm.Group | None = None,
         phases: Any = None,
+        extrapolation: float | None = None,
     ):
         self._comm: Any = comm if group is None else group  # a batch group's ranks (runtime.groups)
         self.phases = phases  # a switching policy's mask (runtime.policy), re-read every step
@@ -169,6 +174,8 @@ class AsyncDenoiser:
                 f"segment_for_rank(segments) of this plan's segments"
             )
         make_schedule(self.n_segments, 0, warmup=self.warmup, stride=self.stride)  # validates
+        self.extrapolation = plan.extrapolation if extrapolation is None else extrapolation
+        check_extrapolation(self.extrapolation, self.stride)
         check_timestep_input(timestep_input, self._input_names, stride=self.stride, time_shift=time_shift)
         check_agreement(segment, plan, timeout_s)
         if isinstance(segment.module, torch.nn.Module):
@@ -239,7 +246,7 @@ class AsyncDenoiser:
                 if step.chained:
                     self._collect(step.index, stats)
                 feed = step_inputs(inputs, self.timestep_input, run.timestep_value(work, step))
-                values = self._compute(feed, stats)
+                values = self._compute(feed, step, stats)
                 self._send(run, step, values, stats)
                 if (self.rank, step.index) in run.eps_sources:
                     self._kept[step.index] = values[OUTPUT]
@@ -294,15 +301,17 @@ class AsyncDenoiser:
                 pending.append((made, name, src, buffers, works))
                 continue
             self._comm.wait(works, f"value {name} of step {made} from rank {src}", self.timeout_s)
-            self._stale[name] = self._layouts[name].build(buffers)
+            self._history.put(name, self._layouts[name].build(buffers), made)
         self._inbox = pending
         stats["wait_ms"] += self._span("wait", stats, begin)
 
-    def _compute(self, feed: Mapping[str, Tensor], stats: dict[str, Any]) -> dict[str, Any]:
+    def _compute(self, feed: Mapping[str, Tensor], step: Step, stats: dict[str, Any]) -> dict[str, Any]:
         segment = self._segment
         check_inputs(segment, feed, stats["step"])
         args = [feed[name].to(self.device) for name in segment.inputs]
-        args += [self._stale[name] for name in segment.receives]
+        # a chained step reads the values made at this very step: the newest, never extrapolated
+        history = self._history
+        args += [history.newest(name) if step.chained else history.read(name, step.index) for name in segment.receives]
         begin = time.perf_counter()
         outputs = segment.module(*args)
         if self.device.type == "cuda":
@@ -340,7 +349,7 @@ class AsyncDenoiser:
     # --- state ----------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
-        self._stale: dict[str, Any] = {}  # the newest received value of each name
+        self._history = StaleHistory(self.extrapolation)  # the newest two received versions of each value
         self._inbox = []
         self._sends: list[tuple[list[Any], list[Tensor], str, int]] = []
         self._kept: dict[int, Tensor] = {}  # step -> this rank's model output, broadcast later

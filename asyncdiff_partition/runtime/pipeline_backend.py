@@ -82,7 +82,8 @@ class TorchBackend:
         assert job.built is not None
         schedule = ReferenceSchedule(job.ready, warmup=settings.warmup, stride=settings.stride,
                                      timestep_input="timestep", compile=config.compile, phases=plan.phases,
-                                     batch_parallel=plan.batch_parallel, latent_input=job.shell.latent.name)
+                                     batch_parallel=plan.batch_parallel, latent_input=job.shell.latent.name,
+                                     extrapolation=plan.extrapolation)
         wrap_pipeline(job.built.pipe, schedule, whole_batch(job.shell, plan.batch_parallel))
         return {**_sample(config, job.built, schedule, rank=0, steps=settings.steps, images=job.images),
                 "peak_rss": peak_resident_bytes()}

@@ -23,9 +23,17 @@ import torch
 from torch import Tensor
 
 from asyncdiff_partition.core.graph import OUTPUT
-from asyncdiff_partition.core.schedule import ScheduleError, Step, Work, check_timestep_input, make_schedule
+from asyncdiff_partition.core.schedule import (
+    ScheduleError,
+    Step,
+    Work,
+    check_extrapolation,
+    check_timestep_input,
+    make_schedule,
+)
 from asyncdiff_partition.fx.compile import compile_segment, module_device
 from asyncdiff_partition.runtime.batch import split_batch
+from asyncdiff_partition.runtime.extrapolation import StaleHistory
 from asyncdiff_partition.runtime.layout import RunnableSegment
 from asyncdiff_partition.runtime.policy import PhasePolicy
 
@@ -78,6 +86,8 @@ class ReferenceSchedule:
         latent_input: name of the latent placeholder (slices the batch when B > 1).
         compile: run every segment through ``torch.compile`` on its device
             (:func:`~asyncdiff_partition.fx.compile.compile_segment`; compiled at first use).
+        extrapolation: λ, the plan field (Note [extrapolation] in runtime/extrapolation.py); 0
+            reads stale values as they are.
 
     Raises:
         ScheduleError: bad arguments, or stride 2 / time_shift without a timestep input.
@@ -95,10 +105,13 @@ class ReferenceSchedule:
         batch_parallel: int = 1,
         latent_input: str = "sample",
         compile: bool = False,
+        extrapolation: float = 0.0,
     ):
         if not segments:
             raise ScheduleError("need at least one segment")
         make_schedule(len(segments), 0, warmup=warmup, stride=stride)  # validates the arguments
+        check_extrapolation(extrapolation, stride)
+        self.extrapolation = extrapolation
         names = sorted({name for segment in segments for name in segment.inputs})
         check_timestep_input(timestep_input, names, stride=stride, time_shift=time_shift)
         self.segments = [_compiled(s) for s in segments] if compile else list(segments)
@@ -121,6 +134,8 @@ class ReferenceSchedule:
         # (slot, step) -> model output still to be used
         self._latest: list[dict[str, Any]] = [{} for _ in range(self.batch_parallel)]
         self._kept: list[dict[tuple[int, int], Tensor]] = [{} for _ in range(self.batch_parallel)]
+        # per batch group: the two newest versions of every stale output (Note [extrapolation])
+        self._history = [StaleHistory(self.extrapolation) for _ in range(self.batch_parallel)]
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """ε of the next step, from the model inputs by captured placeholder name.
@@ -141,15 +156,19 @@ class ReferenceSchedule:
         return eps
 
     def _group_step(self, run: SamplingRun, step: Step, inputs: Mapping[str, Tensor], group: int) -> Tensor:
-        latest, kept = self._latest[group], self._kept[group]
+        latest, kept, history = self._latest[group], self._kept[group], self._history[group]
         n = len(self.segments)
         made: dict[str, Any] = {}
         for work in step.work:
             segment = self.segments[work.segment]
             check_inputs(segment, inputs, step.index)
             feed = step_inputs(inputs, self.timestep_input, run.timestep_value(work, step))
-            source = {**latest, **made} if step.chained else latest
-            args = [feed[name] for name in segment.inputs] + [source[name] for name in segment.receives]
+            if step.chained:
+                source = {**latest, **made}
+                received = [source[name] for name in segment.receives]
+            else:
+                received = [history.read(name, step.index) for name in segment.receives]
+            args = [feed[name] for name in segment.inputs] + received
             with torch.no_grad():  # stale values must not keep autograd graphs alive across steps
                 values = dict(zip(segment.outputs, segment.module(*args)))
             if OUTPUT in values and (work.slot, step.index) in run.eps_sources:
@@ -157,6 +176,8 @@ class ReferenceSchedule:
             if work.slot < n:
                 made.update((k, v) for k, v in values.items() if k != OUTPUT)
         latest.update(made)
+        for name, value in made.items():
+            history.put(name, value, step.index)
         return kept.pop(step.eps)
 
 
