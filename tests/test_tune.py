@@ -46,6 +46,10 @@ def test_writes_table_plot_profile_and_plan(result):
     plan = Plan.load(paths["plan"], fingerprint=profile.fingerprint)
     assert plan == result.plan and plan.n_devices == result.chosen["n_devices"]
     assert plan.objective["latency_slack"] == result.chosen["latency_slack"]
+    assert plan.extrapolation == result.chosen["extrapolation"]
+    # stride 1 reads extrapolated values with the λ best on the batch; stride 2 and N = 1 plainly
+    assert all(r["extrapolation"] == 0.0 for r in result.rows if r["stride"] == 2 or r["n_devices"] == 1)
+    assert {r["extrapolation"] for r in result.rows} <= {0.0, 0.25, 0.5, 0.75, 1.0}
 
 
 def test_targets_pick_the_right_configuration(result, tmp_path):

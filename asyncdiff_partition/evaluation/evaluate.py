@@ -19,8 +19,11 @@ taken in the same run on this machine.
 A configuration is (split, N, S, W): ``auto`` is :func:`~asyncdiff_partition.core.plan.make_plan`'s
 latency-balanced split of one profile; ``hand`` cuts only between top-level blocks, AsyncDiff
 style (:func:`hand_boundaries`); ``fidelity`` is the least stale split within a latency slack of
-``auto``'s bottleneck (core/partition.py, Note [staleness objective]), after a calibration run of
-the same batch (fx/staleness.py). Per configuration the table shows the mean PSNR, SSIM and
+``auto``'s bottleneck (core/partition.py, Note [staleness objective]), after a calibration run on
+another batch of the same model (other noise; fx/staleness.py), whose stale values are read
+extrapolated with the λ that did best on that calibration batch at stride 1
+(:meth:`FidelityBench.choose_extrapolation`, Note [extrapolation] in runtime/extrapolation.py).
+Per configuration the table shows the mean PSNR, SSIM and
 relative L2 of every asynchronous sample against its sequential twin, the plan's predicted speedup and the
 ideal one, and for the ``digits`` model the bundled classifier's class accuracy (it says the
 requested class) and the Fréchet distance of its features to real digits, both also for the
@@ -68,7 +71,7 @@ from asyncdiff_partition.pipelines.digits import CONFIG, digits_scheduler
 from asyncdiff_partition.pipelines.wrap import denoise
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
-__all__ = ["COLUMNS", "EvalResult", "FidelityBench", "evaluate", "format_markdown", "hand_boundaries"]
+__all__ = ["COLUMNS", "EXTRAPOLATION_GRID", "EvalResult", "FidelityBench", "evaluate", "format_markdown", "hand_boundaries"]
 
 Row = dict[str, Any]
 
@@ -142,8 +145,8 @@ def evaluate(
         ValueError: empty or out-of-range settings, an unknown model.
     """
     _check_settings(devices, strides, warmups, steps, images)
-    if any(not 0 < x < math.inf for x in latency_slacks):
-        raise ConfigError(f"latency slacks must be finite numbers > 0 (0.03 = 3 %), got {list(latency_slacks)}")
+    if any(not 0 <= x < math.inf for x in latency_slacks):
+        raise ConfigError(f"latency slacks must be finite numbers >= 0 (0.03 = 3 %), got {list(latency_slacks)}")
     if latency_slacks and steps < 2:
         raise ConfigError(f"fidelity-aware splits are calibrated on stale steps and need steps >= 2, got {steps}; "
                          f"raise --steps or pass --latency-slack ''")
@@ -172,9 +175,12 @@ def evaluate(
                 rows.append({**bench.base, "split": split, "n_devices": n, "note": f"skipped: {error}"})
                 say(f"  {split} N={n}: skipped ({error})")
                 continue
+            # a fidelity-aware plan also reads its stale values extrapolated, λ chosen on the calibration batch
+            factor = calibration.choose_extrapolation(bench, boundaries) if split == "fidelity" and n > 1 else 0.0
             for stride in strides:
                 for warmup in warmups:
-                    rows.append(_configuration(bench, split, n, stride, warmup, hand, slack, boundaries))
+                    rows.append(_configuration(bench, split, n, stride, warmup, hand, slack, boundaries,
+                                               factor if stride == 1 else 0.0))
                     say("  " + describe_row(rows[-1]))
     for b in batch_parallel:
         for policy in phases:
@@ -205,20 +211,25 @@ def _check_settings(devices: Sequence[int], strides: Sequence[int], warmups: Seq
 
 
 def _configuration(bench: FidelityBench, split: str, n: int, stride: int, warmup: int, hand: Sequence[str] | None,
-                   slack: float, boundaries: Sequence[int]) -> Row:
+                   slack: float, boundaries: Sequence[int], extrapolation: float = 0.0) -> Row:
     """One row: the asynchronous samples of (split, N, S, W) against the sequential ones."""
     effective = max(warmup, 1)  # Note [what eval measures]: W = 0 runs as W = 1
-    plan = bench.plan(n, stride=stride, warmup=effective, boundaries=hand, latency_slack=slack)
+    plan = bench.plan(n, stride=stride, warmup=effective, boundaries=hand, latency_slack=slack,
+                      extrapolation=extrapolation)
     row: Row = {**bench.base, "split": split, "n_devices": n, "stride": stride, "warmup": warmup,
                 "world_size": plan.world_size, "latency_slack": slack if split == "fidelity" else "",
+                "extrapolation": extrapolation if split == "fidelity" else "",
                 "boundaries": ", ".join(s.first_module for s in plan.segments[1:]),
                 "staleness": plan.predicted.get("staleness", ""),
                 "predicted_speedup": plan.predicted["speedup"], "ideal_speedup": plan.predicted["ideal_speedup"],
                 "imbalance": plan.predicted["imbalance"], "note": ""}
     try:
-        return {**row, **bench.judge(boundaries, stride, warmup)}
+        return {**row, **bench.judge(boundaries, stride, warmup, extrapolation)}
     except ValueError as error:
         return {**row, "note": f"skipped: {error}"}
+
+
+EXTRAPOLATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # λ tried by FidelityBench.choose_extrapolation
 
 
 class FidelityBench:
@@ -256,7 +267,7 @@ class FidelityBench:
                                 "relative_l2": 0.0, "predicted_speedup": 1.0, "ideal_speedup": 1.0, "imbalance": 1.0,
                                 **self.digits(self.reference), "note": "unsplit model"}
         self._segments: dict[tuple[int, ...], list[Any]] = {}
-        self._judged: dict[tuple[tuple[int, ...], int, int], Row] = {}
+        self._judged: dict[tuple[tuple[int, ...], int, int, float], Row] = {}
 
     def describe(self) -> str:
         classes = (f" (classes {self.labels.min()}-{self.labels.max()}, guidance {self.guidance:g})"
@@ -296,25 +307,40 @@ class FidelityBench:
             staleness = transfer_staleness(staleness, graph, self.graph)
         self.profile.staleness = staleness
 
+    def choose_extrapolation(self, judged: FidelityBench, boundaries: Sequence[int], *, warmup: int = 1,
+                             factors: Sequence[float] = EXTRAPOLATION_GRID) -> float:
+        """λ with the least relative L2 on *this* batch for ``judged``'s cuts at stride 1 (Note [extrapolation]).
+
+        ``boundaries`` index ``judged``'s op graph; they are carried over to this bench's by the
+        module each segment starts in when the two graphs differ in order.
+        """
+        cuts = list(boundaries)
+        if judged.graph.order != self.graph.order:
+            paths = [judged.graph.node(b)["module"] for b in cuts[1:-1]]
+            cuts = [0, *module_boundaries(self.graph, paths), len(self.graph)]
+        errors = {factor: self.judge(cuts, 1, warmup, factor)["relative_l2"] for factor in factors}
+        return min(errors, key=lambda factor: (errors[factor], factor))
+
     def plan(self, n: int, **options: Any) -> Any:
         """:func:`~asyncdiff_partition.core.plan.make_plan` on this bench's profile, for T = its steps."""
         return make_plan(self.profile, n, steps=self.steps, **options)
 
-    def judge(self, boundaries: Sequence[int], stride: int, warmup: int) -> Row:
+    def judge(self, boundaries: Sequence[int], stride: int, warmup: int, extrapolation: float = 0.0) -> Row:
         """PSNR, SSIM, relative L2 (and digit metrics) of the asynchronous samples with these cuts.
 
         A (S, W) that runs like another (W = 0 like W = 1, every W >= T alike) is sampled once.
+        ``extrapolation``: λ of the plan field (Note [extrapolation] in runtime/extrapolation.py).
 
         Raises:
             ValueError: a schedule the segments cannot run (e.g. stride 2 without a timestep input).
         """
         cuts = tuple(boundaries)
-        key = (cuts, stride, min(max(warmup, 1), self.steps))
+        key = (cuts, stride, min(max(warmup, 1), self.steps), extrapolation)
         if key not in self._judged:
             if cuts not in self._segments:
                 self._segments[cuts] = split_graph(self.captured, place(self.graph, list(cuts)))
             schedule = ReferenceSchedule(self._segments[cuts], warmup=warmup, stride=stride,
-                                         timestep_input=self.sampler.timestep_input)
+                                         timestep_input=self.sampler.timestep_input, extrapolation=extrapolation)
             samples = self.sampler.run(schedule)
             pairs = list(zip(self.reference, samples))
             self._judged[key] = {

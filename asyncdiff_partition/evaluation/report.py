@@ -24,7 +24,7 @@ __all__ = ["COLUMNS", "ORACLE_NOTE", "STYLES", "describe_row", "format_markdown"
 
 Row = dict[str, Any]
 
-COLUMNS = ("model", "split", "latency_slack", "n_devices", "stride", "warmup", "world_size", "steps", "samples",
+COLUMNS = ("model", "split", "latency_slack", "extrapolation", "n_devices", "stride", "warmup", "world_size", "steps", "samples",
            "boundaries", "staleness", "psnr_db", "ssim", "relative_l2", "predicted_speedup", "ideal_speedup",
            "imbalance", "class_accuracy", "frechet_distance", "note")
 
@@ -36,9 +36,11 @@ ORACLE_NOTE = ("asynchronous samples computed in one process by ReferenceSchedul
 
 
 def split_label(row: Row) -> str:
-    """``fidelity (+3%)`` for a fidelity-aware row, else the split's name."""
-    slack = row.get("latency_slack")
-    return f"{row['split']} (+{100 * slack:g}%)" if isinstance(slack, float) and slack else str(row["split"])
+    """``fidelity (+3%, λ 0.5)`` for a fidelity-aware row (slack, extrapolation), else the split's name."""
+    slack, factor = row.get("latency_slack"), row.get("extrapolation")
+    if row["split"] != "fidelity" or not isinstance(slack, float):
+        return str(row["split"])
+    return f"fidelity (+{100 * slack:g}%" + (f", λ {factor:g})" if isinstance(factor, float) and factor else ")")
 
 
 def _cell(value: Any, digits: int = 2) -> str:

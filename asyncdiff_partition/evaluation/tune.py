@@ -17,13 +17,16 @@ core/partition.py) -- is planned and scored:
   speedup (the cost model of core/plan.py, from the profile; nothing is timed per configuration);
 * fidelity: its samples from the reference schedule (the runtime's exact oracle) against the
   sequential ones: PSNR, SSIM, relative L2; on the digits model also class accuracy and the
-  Fréchet distance over the sequential one (``fd_ratio``).
+  Fréchet distance over the sequential one (``fd_ratio``). A stride-1 configuration reads its
+  stale values extrapolated with the λ that gives the least relative L2 on this batch
+  (``extrapolation``; Note [extrapolation] in runtime/extrapolation.py), which costs no latency.
 
 The Pareto front (no other configuration is at least as fast and at least as faithful, and
 better in one) is marked in the table and the plot. The chosen configuration is the most
 faithful one within ``max_latency_ms``, or the fastest one with ``psnr_db >= min_psnr`` or
 ``fd_ratio <= max_fd_ratio``; with no target, the fastest one (ties: the more faithful). The
-batch-parallel degree is not searched: that split does not exist yet.
+batch-parallel degree B is not searched yet: ``eval --batch-parallel`` scores hybrid plans, and
+``plan --profile-sliced`` picks B by predicted latency within a stale-hop budget.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ __all__ = ["TUNE_COLUMNS", "TuneError", "TuneResult", "pareto_front", "tune"]
 
 Row = dict[str, Any]
 
-TUNE_COLUMNS = ("n_devices", "stride", "warmup", "latency_slack", "world_size", "boundaries", "latency_ms",
+TUNE_COLUMNS = ("n_devices", "stride", "warmup", "latency_slack", "extrapolation", "world_size", "boundaries", "latency_ms",
                 "predicted_speedup", "staleness", "psnr_db", "ssim", "relative_l2", "class_accuracy",
                 "frechet_distance", "fd_ratio", "pareto", "chosen")
 
@@ -140,12 +143,14 @@ def tune(
                         f"{best['latency_ms']:.1f} ms predicted (N={best['n_devices']} S={best['stride']}); raise "
                         f"the target or add devices (table in {paths.get('markdown', 'the result')})")
     plan = bench.plan(chosen["n_devices"], stride=chosen["stride"], warmup=max(chosen["warmup"], 1),
-                      latency_slack=chosen["latency_slack"], profile_path=str(paths.get("profile", "")))
+                      latency_slack=chosen["latency_slack"], extrapolation=chosen["extrapolation"],
+                      profile_path=str(paths.get("profile", "")))
     if out_dir is not None:
         paths["plan"] = plan.save(Path(out_dir) / "plan.json")
     say(markdown)
     fd = f", FD ratio {chosen['fd_ratio']:.2f}" if chosen["fd_ratio"] != "" else ""
-    say(f"chosen: N={chosen['n_devices']} S={chosen['stride']} W={chosen['warmup']} slack {chosen['latency_slack']:g}"
+    say(f"chosen: N={chosen['n_devices']} S={chosen['stride']} W={chosen['warmup']} slack {chosen['latency_slack']:g} "
+        f"λ {chosen['extrapolation']:g}"
         f" -> {chosen['latency_ms']:.1f} ms predicted ({chosen['predicted_speedup']:.2f}x), PSNR "
         f"{_cell(chosen['psnr_db'])} dB{fd}")
     if paths:
@@ -173,13 +178,16 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def _score(bench: FidelityBench, n: int, stride: int, warmup: int, slack: float) -> Row:
     plan = bench.plan(n, stride=stride, warmup=max(warmup, 1), latency_slack=slack)
+    factor = 0.0
     if n == 1:
         judged = {k: bench.sequential[k] for k in ("psnr_db", "ssim", "relative_l2", "class_accuracy",
                                                   "frechet_distance")}
     else:
-        judged = bench.judge(plan.boundaries, stride, warmup)
+        if stride == 1:
+            factor = bench.choose_extrapolation(bench, plan.boundaries, warmup=max(warmup, 1))
+        judged = bench.judge(plan.boundaries, stride, warmup, factor)
     fd, base = judged.get("frechet_distance", ""), bench.sequential.get("frechet_distance", "")
-    return {"n_devices": n, "stride": stride, "warmup": warmup, "latency_slack": slack,
+    return {"n_devices": n, "stride": stride, "warmup": warmup, "latency_slack": slack, "extrapolation": factor,
             "world_size": plan.world_size, "boundaries": ", ".join(s.first_module for s in plan.segments[1:]) or "-",
             "latency_ms": bench.steps * plan.predicted["sequential_step_ms"] / plan.predicted["speedup"],
             "predicted_speedup": plan.predicted["speedup"], "staleness": plan.predicted.get("staleness", 0.0),
@@ -217,7 +225,7 @@ def _cell(value: Any) -> str:
 
 
 def _markdown(bench: FidelityBench, rows: list[Row], key: str, targets: dict[str, float]) -> str:
-    header = ["N", "S", "W", "slack", "world", "boundaries", "latency ms", "speedup", "PSNR dB", "SSIM", "rel. L2"]
+    header = ["N", "S", "W", "slack", "λ", "world", "boundaries", "latency ms", "speedup", "PSNR dB", "SSIM", "rel. L2"]
     digits = bench.real_row is not None
     header += ["class acc.", "FD ratio"] if digits else []
     header += ["Pareto", "chosen"]
@@ -226,7 +234,8 @@ def _markdown(bench: FidelityBench, rows: list[Row], key: str, targets: dict[str
              "sequential samples of the same batch.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: r["latency_ms"]):
-        cells = [r["n_devices"], r["stride"], r["warmup"], f"{100 * r['latency_slack']:g}%", r["world_size"],
+        cells = [r["n_devices"], r["stride"], r["warmup"], f"{100 * r['latency_slack']:g}%", f"{r['extrapolation']:g}",
+                 r["world_size"],
                  r["boundaries"], f"{r['latency_ms']:.1f}", f"{r['predicted_speedup']:.2f}x", _cell(r["psnr_db"]),
                  f"{r['ssim']:.4f}", f"{r['relative_l2']:.4f}"]
         cells += [_cell(r["class_accuracy"]), _cell(r["fd_ratio"])] if digits else []
