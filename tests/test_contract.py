@@ -311,6 +311,7 @@ def _scenario(how: str, plan: Path, folder: Path) -> dict:
     tmp.mkdir(parents=True)
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     env.pop("ASYNCDIFF_DEBUG", None)
+    env.pop("ASYNCDIFF_START_METHOD", None)  # the product's default start method (conftest sets forkserver)
     command = [str(SCRIPT), "--threads", "1", "run", "--plan", str(plan), "--steps", "999", "--out", str(folder / "out"),
                "--timeout", str(TIMEOUT_S)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -467,6 +468,21 @@ def test_forkserver_ranks_see_the_launching_environment_of_the_moment(monkeypatc
     assert launch(_environment_of_rank, ("ASYNCDIFF_TEST_FLAG",), 2, start_method="forkserver")[0] == (None, "0")
     with pytest.raises(AsyncDiffError, match="start method must be one of spawn, fork, forkserver, got 'threads'"):
         launch(_square, (1,), 2, start_method="threads")
+
+
+def _killed_on_rank_one() -> None:
+    from asyncdiff_partition.runtime import comm
+
+    comm.init(timeout_s=10)
+    if comm.rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    comm.barrier("waiting for rank 1")
+
+
+def test_a_rank_killed_under_the_fork_server_is_named_not_its_waiting_peer():
+    with pytest.raises(LaunchError, match=r"^rank 1 failed: ") as caught:
+        launch(_killed_on_rank_one, (), 2, timeout_s=10, start_method="forkserver")
+    assert caught.value.rank == 1
 
 
 def test_a_warmup_that_covers_every_step_is_noted():
