@@ -62,7 +62,10 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # must outlive the launch) and keeps the environment it was started with, so each worker
 # rebuilds the launching process's environment of the moment, plus what the agent set for it
 # (RANK, MASTER_ADDR, ...: the keys whose values differ from the server's). Variables read only
-# while torch is imported (OMP_NUM_THREADS at import, for one) keep the server's values.
+# while torch is imported (OMP_NUM_THREADS at import, for one) keep the server's values. A
+# rank's death reaches the agent through the server, so when a rank is killed the agent may see
+# its peer's PeerError first; the error line then is that peer's, naming the rank it waited for
+# (spawn names the killed rank and its exit code).
 _PRELOAD = ("torch", "torch.distributed", "diffusers", "transformers", __name__)
 _START_METHODS = ("spawn", "fork", "forkserver")
 START_ENV = "ASYNCDIFF_START_METHOD"  # how launch starts workers when not told: spawn (default), fork, forkserver
@@ -308,17 +311,11 @@ def _alive(pid: int) -> bool:
 
 def _launch_error(failures: dict[int, tuple[int, str]], folder: str, killed: set[int]) -> LaunchError:
     """One line naming the cause: a rank's own error, else a rank that died, else a peer's wait."""
-    records, done = _read(folder, "rank"), _read(folder, "done")
+    records = _read(folder, "rank")
     causes = [r for r in records.values() if not r["peer"]]
     died = sorted(r for r, (code, _) in failures.items()
                   if r not in records and r not in killed and code != -signal.SIGTERM)
     hung = sorted(r for r in killed if r not in records)
-    # A rank whose process is gone with no error, no "done" and no exit code reported: the agent
-    # saw a peer's failure first (forked from a fork server, a rank's death reaches the agent
-    # through the server, later than a child's own).
-    vanished = sorted(r for r, record in _read(folder, "pid").items()
-                      if r not in records and r not in done and r not in killed and r not in failures
-                      and not _alive(record["pid"]))
     if causes:
         first = min(causes, key=lambda r: r["time"])
         rank, error, head = first["rank"], first["error"], f"rank {first['rank']} failed"
@@ -326,9 +323,6 @@ def _launch_error(failures: dict[int, tuple[int, str]], folder: str, killed: set
         rank = died[0]
         code, text = failures[rank]
         error = f"exit code {code}" + (f" ({text})" if text and "elastic/errors.html" not in text else "")
-        head = f"rank {rank} failed"
-    elif vanished:
-        rank, error = vanished[0], "its process ended without an error of its own (killed by a signal?)"
         head = f"rank {rank} failed"
     elif records:  # only peers that gave up waiting: the rank they waited for stopped answering
         first = min(records.values(), key=lambda r: r["time"])
