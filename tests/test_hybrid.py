@@ -23,7 +23,7 @@ from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.runtime.batch import BatchSplitError, split_batch
 from asyncdiff_partition.runtime.launch import launch
 from asyncdiff_partition.runtime.policy import PhaseError, PhasePolicy, check_phases, guidance_delta
-from asyncdiff_partition.runtime.reference import ReferenceSchedule
+from asyncdiff_partition.runtime.reference import ReferenceSchedule, UnsplitDenoiser
 
 NAME = "tiny-unet2d-condition"
 TIMESTEPS = [900, 750, 600, 450, 300, 150]
@@ -86,19 +86,6 @@ def _launched(world: int) -> dict[int, dict]:
     return launch(worker.run_hybrid, (blobs, _feed(), jobs, TIMESTEPS), world, timeout_s=120)
 
 
-class _Unsplit:
-    """The captured model as a step denoiser (no schedule)."""
-
-    def __init__(self, captured):
-        self.captured = captured
-
-    def reset(self, timesteps):
-        pass
-
-    def __call__(self, inputs):
-        return self.captured.graph_module(*[inputs[spec.name] for spec in self.captured.inputs])
-
-
 # --- in one process ---------------------------------------------------------------------------
 
 
@@ -106,7 +93,7 @@ def test_two_groups_of_one_segment_are_the_unsplit_model_up_to_reassociation():
     full = _captured(2)
     eps, x, record = _reference(2, 1, 1, {})
 
-    unsplit = _Unsplit(full)
+    unsplit = UnsplitDenoiser(full)
     with torch.no_grad():
         want_eps, want_x = _dist_worker.sample(unsplit, _feed(), full.latent.name, TIMESTEPS)
     for i, (got, want) in enumerate(zip(eps, want_eps)):
@@ -207,7 +194,7 @@ def test_cfg_parallel_on_two_processes_is_the_unsplit_model_and_odd_batches_fail
     results = _launched(2)
     full = _captured(2)
 
-    unsplit = _Unsplit(full)
+    unsplit = UnsplitDenoiser(full)
     with torch.no_grad():
         want, _ = _dist_worker.sample(unsplit, _feed(), full.latent.name, TIMESTEPS)
     for rank in (0, 1):

@@ -24,7 +24,7 @@ from asyncdiff_partition.fx.profiler import profile_model
 from asyncdiff_partition.fx.ready import check_plan
 from asyncdiff_partition.fx.split import split_graph
 from asyncdiff_partition.runtime.launch import LaunchError, is_launched_externally, launch
-from asyncdiff_partition.runtime.reference import ReferenceSchedule
+from asyncdiff_partition.runtime.reference import ReferenceSchedule, UnsplitDenoiser
 
 MODELS = ["tiny-unet2d-condition", "tiny-dit"]
 TIMESTEPS = [900, 650, 400, 150]
@@ -295,7 +295,7 @@ def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
         feed = {spec.name: t for spec, t in zip(captured.inputs, captured.example)}
         with torch.no_grad():
             got = worker.sample(denoiser, feed, captured.latent.name, TIMESTEPS)
-            want = worker.sample(_Unsplit(captured), feed, captured.latent.name, TIMESTEPS)
+            want = worker.sample(UnsplitDenoiser(captured), feed, captured.latent.name, TIMESTEPS)
         for a, b in zip(got[0], want[0]):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         with pytest.raises(ValueError, match="needs model inputs"):
@@ -303,17 +303,6 @@ def test_one_rank_in_this_process_is_the_unsplit_model(monkeypatch):
             denoiser({"timestep": torch.full_like(feed["timestep"], TIMESTEPS[0])})
     finally:
         comm.shutdown()
-
-
-class _Unsplit:
-    def __init__(self, captured):
-        self.captured = captured
-
-    def reset(self, timesteps):
-        pass
-
-    def __call__(self, inputs):
-        return self.captured.graph_module(*[inputs[spec.name] for spec in self.captured.inputs])
 
 
 def test_spawned_ranks_of_run_build_no_op_graph_and_split_nothing(tmp_path):

@@ -37,7 +37,7 @@ from asyncdiff_partition.runtime.extrapolation import StaleHistory
 from asyncdiff_partition.runtime.layout import RunnableSegment
 from asyncdiff_partition.runtime.policy import PhasePolicy
 
-__all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "check_inputs", "step_inputs"]
+__all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "UnsplitDenoiser", "check_inputs", "step_inputs"]
 
 
 class StepDenoiser(Protocol):
@@ -64,6 +64,19 @@ def step_inputs(inputs: Mapping[str, Tensor], timestep_input: str, value: float 
     if value is not None and timestep_input in feed:
         feed[timestep_input] = torch.full_like(feed[timestep_input], value)
     return feed
+
+
+class UnsplitDenoiser:
+    """The captured model run whole as a step denoiser: the sequential baseline schedules are checked against."""
+
+    def __init__(self, captured: Any):
+        self.captured = captured
+
+    def reset(self, timesteps: Sequence[float | int]) -> None:
+        pass
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        return self.captured.graph_module(*[inputs[spec.name] for spec in self.captured.inputs])
 
 
 class ReferenceSchedule:
@@ -130,11 +143,9 @@ class ReferenceSchedule:
                                  time_shift=self.time_shift, exact=self.policy.mask)
 
         self._run = SamplingRun(timesteps, remake(), remake=remake)
-        # per batch group: the newest value of every stale output of slots 0..N-1, and
-        # (slot, step) -> model output still to be used
-        self._latest: list[dict[str, Any]] = [{} for _ in range(self.batch_parallel)]
+        # per batch group: (slot, step) -> model output still to be used, and the two newest
+        # versions of every stale output of slots 0..N-1 (Note [extrapolation])
         self._kept: list[dict[tuple[int, int], Tensor]] = [{} for _ in range(self.batch_parallel)]
-        # per batch group: the two newest versions of every stale output (Note [extrapolation])
         self._history = [StaleHistory(self.extrapolation) for _ in range(self.batch_parallel)]
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -156,16 +167,15 @@ class ReferenceSchedule:
         return eps
 
     def _group_step(self, run: SamplingRun, step: Step, inputs: Mapping[str, Tensor], group: int) -> Tensor:
-        latest, kept, history = self._latest[group], self._kept[group], self._history[group]
+        kept, history = self._kept[group], self._history[group]
         n = len(self.segments)
         made: dict[str, Any] = {}
         for work in step.work:
             segment = self.segments[work.segment]
             check_inputs(segment, inputs, step.index)
             feed = step_inputs(inputs, self.timestep_input, run.timestep_value(work, step))
-            if step.chained:
-                source = {**latest, **made}
-                received = [source[name] for name in segment.receives]
+            if step.chained:  # this step's values where made already, else the newest
+                received = [made[name] if name in made else history.newest(name) for name in segment.receives]
             else:
                 received = [history.read(name, step.index) for name in segment.receives]
             args = [feed[name] for name in segment.inputs] + received
@@ -175,7 +185,6 @@ class ReferenceSchedule:
                 kept[(work.slot, step.index)] = values[OUTPUT]
             if work.slot < n:
                 made.update((k, v) for k, v in values.items() if k != OUTPUT)
-        latest.update(made)
         for name, value in made.items():
             history.put(name, value, step.index)
         return kept.pop(step.eps)

@@ -43,7 +43,7 @@ from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.hybrid import HybridDenoiser
 from asyncdiff_partition.runtime.launch import launch
-from asyncdiff_partition.runtime.reference import ReferenceSchedule
+from asyncdiff_partition.runtime.reference import ReferenceSchedule, UnsplitDenoiser
 
 
 def capture(name: str, rows: int, size: int | None):
@@ -71,17 +71,6 @@ def guided_loop(denoiser, feed: dict, latent: str, steps: int, guidance: float) 
     return x, time.perf_counter() - begin
 
 
-class Unsplit:
-    def __init__(self, captured):
-        self.captured = captured
-
-    def reset(self, timesteps):
-        pass
-
-    def __call__(self, inputs):
-        return self.captured.graph_module(*[inputs[s.name] for s in self.captured.inputs])
-
-
 def rank_worker(shipped, plan, feed: dict, steps: int, guidance: float) -> dict:
     """One rank of a 2-process run: loads only its own segment, as ``run``'s ranks do."""
     torch.set_num_threads(1)
@@ -103,7 +92,7 @@ def sequential_worker(path: str, feed: dict, steps: int, guidance: float) -> dic
     torch.set_num_threads(1)
     with open(path, "rb") as handle:
         captured = pickle.load(handle)
-    x, seconds = guided_loop(Unsplit(captured), feed, captured.latent.name, steps, guidance)
+    x, seconds = guided_loop(UnsplitDenoiser(captured), feed, captured.latent.name, steps, guidance)
     return {"x": x, "seconds": seconds, "bytes_per_step": 0}
 
 
@@ -143,9 +132,11 @@ def main() -> None:
     four = make_hybrid_plan(prof_full, 4, sliced=prof_half, steps=args.steps, bandwidth_gbps=args.bandwidth)
     print(format_candidates(four))
     # Every process gets its part from files: the whole capture for the sequential process, one
-    # segment per rank otherwise; this process then lets go of the models before anything is timed.
-    whole = work / "full.pkl"
+    # segment per rank otherwise; this process then lets go of the models before anything is timed
+    # (and reads both captures back for the four-device reference runs at the end).
+    whole, sliced = work / "full.pkl", work / "half.pkl"
     whole.write_bytes(pickle.dumps(full))
+    sliced.write_bytes(pickle.dumps(half))
     runs = [("sequential, 1 process", None), ("N = 2 segments", hybrid(by_name["B1 N2 S1"])),
             ("B = 2 CFG-parallel", hybrid(by_name["B2 N1 S1"])), (f"planner's choice ({choice.winner.name})", choice.plan)]
     shipped = {}
@@ -179,9 +170,7 @@ def main() -> None:
                      "rel_l2": float((repeats[0]["x"] - x_seq).norm() / x_seq.norm()),
                      "predicted": 1.0 if plan is None else plan.predicted["speedup"],
                      "ideal": 1.0 if plan is None else plan.predicted["ideal_speedup"]})
-    with open(whole, "rb") as handle:
-        full = pickle.load(handle)
-    half = capture(args.model, 1, args.size)
+    full, half = (pickle.loads(path.read_bytes()) for path in (whole, sliced))
     for c in four.candidates:  # predicted only; fidelity from the reference schedule
         captured = half if c.batch_parallel == 2 else full
         segments = split_graph(captured, place(build_op_graph(captured), c.plan.boundaries))
