@@ -19,7 +19,7 @@ import torch
 from tiny_pipelines import FAMILIES, build, sample
 
 from asyncdiff_partition.pipelines.parallelize import parallelize
-from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser
+from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, scheduled
 
 STEPS = 3
 DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "controlnet": "unet",
@@ -44,9 +44,9 @@ def reference(folders):
             pipe, kwargs = build(family, folder)
             original = sample(pipe, kwargs, STEPS)
             parallelize(pipe, devices=2, warmup=STEPS, reference=True, cache_dir=cache, **kwargs)
-            wrapped = getattr(pipe, DENOISER[family])
+            wrapped = scheduled(getattr(pipe, DENOISER[family]))
             exact = sample(pipe, kwargs, STEPS)
-            exact_steps = wrapped.step
+            exact_steps = len(wrapped.step_ms)
             parallelize(pipe, devices=2, warmup=1, reference=True, cache_dir=cache, **kwargs)
             stale = sample(pipe, kwargs, STEPS)
             plan = getattr(pipe, DENOISER[family]).plan
@@ -62,7 +62,7 @@ def reference(folders):
 def test_reference_schedule_reproduces_the_pipeline(family, reference):
     runs = reference(family)
     wrapped = runs["wrapped"]
-    assert isinstance(wrapped, ScheduledDenoiser) and wrapped.plan.n_devices == 2
+    assert isinstance(wrapped, ScheduledDenoiser) and wrapped.module.plan.n_devices == 2
     assert torch.equal(runs["exact"], runs["original"])
     assert runs["exact_steps"] == STEPS  # one schedule step per pipeline step
     assert torch.isfinite(runs["stale"]).all()

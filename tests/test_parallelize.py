@@ -10,7 +10,7 @@ from asyncdiff_partition import parallelize
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import PlanError
 from asyncdiff_partition.pipelines.parallelize import ParallelizeError
-from asyncdiff_partition.pipelines.recording import RecordingError, record_denoiser_call
+from asyncdiff_partition.pipelines.recording import RecordingError, record_denoiser_calls
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,8 @@ def test_without_a_launcher_one_error_says_how_to_launch(folder, monkeypatch):
         parallelize(pipe, devices=3, **kwargs)
     message = str(error.value)
     assert "\n" not in message and "torchrun --nproc_per_node 3" in message and "reference=True" in message
-    assert isinstance(error.value, AsyncDiffError) and not hasattr(pipe.unet, "denoiser")  # nothing replaced
+    assert isinstance(error.value, AsyncDiffError) and "forward" not in vars(pipe.unet)  # nothing replaced
+    assert type(pipe).__call__ is type(pipe).__mro__[0].__call__ and "_asyncdiff_parallel" not in vars(pipe)
 
 
 def test_a_wrong_world_size_is_refused_before_any_compute(folder, monkeypatch):
@@ -40,17 +41,23 @@ def test_the_recording_leaves_the_pipeline_and_random_state_alone(folder):
     pipe, kwargs = build("flux", folder)
     scheduler, forward = pipe.scheduler, pipe.transformer.forward
     state = torch.random.get_rng_state()
-    recording = record_denoiser_call(pipe, **kwargs)
-    assert pipe.scheduler is scheduler and "forward" not in vars(pipe.transformer)
+    generator = torch.Generator().manual_seed(3)
+    before = generator.get_state()
+    recording = record_denoiser_calls(pipe, kwargs={**kwargs, "generator": generator})
+    assert pipe.scheduler is scheduler and "forward" not in vars(pipe.transformer) and "step" not in vars(scheduler)
     assert pipe.transformer.forward == forward and torch.equal(torch.random.get_rng_state(), state)
-    assert recording.name == "transformer" and recording.timestep == "timestep" and recording.form == "t/1000"
-    assert recording.kwargs["hidden_states"].shape == (1, 16, 16) and recording.kwargs["guidance"] is None
+    assert torch.equal(generator.get_state(), before)  # the dry run used a copy
+    (denoiser,) = recording.denoisers
+    assert denoiser.name == "transformer" and denoiser.timestep == "timestep" and denoiser.form == "t/1000"
+    assert denoiser.per_step == 1 and len(denoiser.calls) == 1
+    call = denoiser.calls[0].call
+    assert call["hidden_states"].shape == (1, 16, 16) and "guidance" not in call  # None: the default, dropped
 
 
 def test_a_failing_dry_run_is_one_clear_error(folder):
     pipe, kwargs = build("sd", folder)
     with pytest.raises(RecordingError, match="dry run of StableDiffusionPipeline"):
-        record_denoiser_call(pipe, **{**kwargs, "height": 31})
+        record_denoiser_calls(pipe, kwargs={**kwargs, "height": 31})
 
 
 def test_a_saved_plan_is_reused_and_a_plan_of_other_shapes_refused(folder, tmp_path):

@@ -315,6 +315,7 @@ def parallel_sample(families: list[str], folder: str, cache_dir: str, steps: int
         pipe, kwargs = build(family, folder)
         parallelize(pipe, devices=2, warmup=1, cache_dir=cache_dir, plan=(plans or {}).get(family), timeout_s=120,
                     **kwargs)
-        denoiser = next(v for v in vars(pipe).values() if hasattr(v, "plan") and hasattr(v, "denoiser"))
-        results[family] = (sample(pipe, kwargs, steps), denoiser.plan.to_dict())
+        output = sample(pipe, kwargs, steps)
+        denoiser = next(v for v in vars(pipe).values() if isinstance(v, torch.nn.Module) and "plan" in vars(v))
+        results[family] = (output, denoiser.plan.to_dict())
     return results

@@ -8,37 +8,60 @@ Example::
     wrap_pipeline(built.pipe, schedule, captured)       # pipe.unet now runs the schedule
     images = built(steps=20, guidance_scale=5.0)          # PIL images
 
-The pipeline's own ``__call__`` is left as it is: :class:`ScheduledDenoiser` takes the place of
-``pipe.unet`` / ``pipe.transformer``, turns each call into the captured graph's flat inputs and
-hands them to a :class:`~asyncdiff_partition.runtime.reference.StepDenoiser` (the single-process
-``ReferenceSchedule`` or one rank's ``AsyncDenoiser``). A model of your own, outside diffusers,
-is run with :func:`denoise`. Offline pipelines around zoo models are built by
-:mod:`~asyncdiff_partition.pipelines.offline`; the ``asyncdiff-partition run`` command is
-:mod:`~asyncdiff_partition.runtime.job`.
+The pipeline and its denoiser stay what they are: a :class:`ScheduledDenoiser` is installed as
+the denoiser's ``forward`` (on the instance), so everything a pipeline reads or sets on the model
+(``config``, ``dtype``, ``named_modules()``, attention processors, LoRA scales) is the model's own,
+and each call goes to a :class:`~asyncdiff_partition.runtime.reference.StepDenoiser` (the
+single-process ``ReferenceSchedule`` or one rank's ``AsyncDenoiser``). A model of your own,
+outside diffusers, is run with :func:`denoise`. :func:`~asyncdiff_partition.pipelines.parallelize.
+parallelize` installs scheduled denoisers for any pipeline; the ``asyncdiff-partition run``
+command is :mod:`~asyncdiff_partition.runtime.job`.
+
+Note [streams]
+~~~~~~~~~~~~~~
+A step may call the denoiser several times (conditional and unconditional passes, PAG's
+perturbed pass). Each call *position* k of a step is its own stream: call k of step s reads the
+stale values that call k of step s - 1 left, never those of another position. A stream is one
+step denoiser with its own state; it starts at the step of its first call in a run (Wan 2.2's
+``transformer_2`` starts at its boundary step) and runs to the end of its scheduler's timesteps,
+with its own warm-up (``warmup`` at step 0, ``switch_warmup`` for a stream that starts later).
+Steps are the scheduler's (Note [step clock] in :mod:`~asyncdiff_partition.pipelines.clock`);
+warm-up is counted in the pipeline's inference steps, so ``warmup >= num_inference_steps`` is
+exact whatever the scheduler (PNDM's extra call, Heun's two calls per step). Streams of calls
+with the same structure share one capture, one placement and one set of weights (Note [call
+structure] in :mod:`~asyncdiff_partition.pipelines.structure`).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.fx
 from torch import Tensor
 
-from asyncdiff_partition.core.errors import UsageError
+from asyncdiff_partition.core.errors import UnsupportedError
+from asyncdiff_partition.core.schedule import ScheduleError
 from asyncdiff_partition.fx.capture import CallError, CapturedModel, InputSpec
+from asyncdiff_partition.pipelines.clock import step_clock
+from asyncdiff_partition.pipelines.structure import CallKey, DenoiserOutput, OutputForm, call_key, normalize_call
 
 __all__ = [
     "DenoiserOutput",
+    "NeedsCapture",
     "ScheduledDenoiser",
+    "Stream",
     "call_binding",
     "denoise",
     "denoiser_name",
     "fit_inputs",
+    "install",
+    "scheduled",
     "takes_argument",
     "unwrap_pipeline",
     "wrap_pipeline",
@@ -47,17 +70,13 @@ __all__ = [
 Inputs = dict[str, Tensor]  # model inputs by captured placeholder name
 
 
-@dataclass
-class DenoiserOutput:
-    """What a diffusers denoiser returns with ``return_dict=True``: ``out.sample`` or ``out[0]``."""
+class NeedsCapture(UnsupportedError):
+    """A denoiser call whose structure nothing was captured for (Note [call structure])."""
 
-    sample: Tensor
-
-    def __getitem__(self, index: int) -> Tensor:
-        return (self.sample,)[index]
-
-    def to_tuple(self) -> tuple[Tensor]:
-        return (self.sample,)
+    def __init__(self, name: str, position: int, step: int, key: CallKey, hint: str):
+        self.name, self.position, self.step, self.key = name, position, step, key
+        super().__init__(f"the pipeline called its denoiser {name!r} (call {position} of step {step}) with a call "
+                         f"structure it was not prepared for (other shapes, arguments or attention set-up); {hint}")
 
 
 # --- inputs: pipeline call -> captured placeholders -------------------------------------------
@@ -94,28 +113,8 @@ def _shape_error(captured: CapturedModel, spec: InputSpec, shape: tuple[int, ...
     )
 
 
-def _bind_call(model: Any, captured: CapturedModel, args: tuple, kwargs: dict) -> list[Tensor]:
-    """A pipeline's call → the captured graph's flat tensors.
-
-    Pipelines pass arguments the example call left out, at their defaults (``timestep_cond=None``,
-    ``cross_attention_kwargs=None``): those are dropped, so the call has the captured structure.
-    """
-    kwargs.pop("return_dict", None)
-    captured_names = set(captured.treespec.context or ()) if captured.treespec is not None else set()
-    signature = inspect.signature(model.forward)
-    try:
-        bound = signature.bind(*args, **kwargs).arguments
-    except TypeError as error:
-        raise CallError(f"the pipeline's call does not fit {type(model).__name__}.forward: {error}") from None
-    call: dict[str, Any] = {}
-    for name, value in bound.items():
-        param = signature.parameters[name]
-        if param.kind == param.VAR_KEYWORD:
-            call.update(value)
-        elif param.kind == param.VAR_POSITIONAL:
-            raise CallError(f"{type(model).__name__}.forward takes *{name}; call it with named arguments")
-        elif name in captured_names or not (value is param.default or (value is None and param.default is None)):
-            call[name] = value
+def _flatten(captured: CapturedModel, call: dict[str, Any]) -> list[Tensor]:
+    """A normalized call → the captured graph's flat tensors."""
     try:
         return captured.flatten(**call)
     except CallError as error:
@@ -125,165 +124,245 @@ def _bind_call(model: Any, captured: CapturedModel, args: tuple, kwargs: dict) -
         ) from None
 
 
-# --- the drop-in denoiser ---------------------------------------------------------------------
+# --- streams ----------------------------------------------------------------------------------
 
 
-class ScheduledDenoiser(torch.nn.Module):
-    """Drop-in replacement for ``pipe.unet`` / ``pipe.transformer`` that runs a step denoiser.
+@dataclass
+class Stream:
+    """One call position's step denoiser (Note [streams]) and the capture that binds its calls."""
 
-    Example:
-        >>> pipe.unet = ScheduledDenoiser(schedule, captured, pipe.unet,  # doctest: +SKIP
-        ...                               timesteps=lambda: pipe.scheduler.timesteps)
+    binding: CapturedModel
+    denoiser: Any  # a StepDenoiser
+    index: int = 0
+    run: Any = None  # the run it is in, and the next step it expects
+    next: int = 0
+    start: int = 0
 
-    Attribute reads the module itself cannot answer (``config``, ``in_channels``, ...) go to the
-    original module; ``dtype`` and ``device`` are the original's at wrap time. The original is
-    not registered as a sub-module, so ``pipe.to(...)`` leaves the step denoiser's placement alone.
+    def begin(self, run: Any, step: int, values: Sequence[float | None], warmup: int) -> None:
+        if hasattr(self.denoiser, "warmup"):
+            self.denoiser.warmup = warmup
+        self.denoiser.reset(list(values))
+        self.run, self.next, self.start = run, step, step
 
-    Each call is flattened with ``captured.flatten``, fitted to the captured shapes
-    (:func:`fit_inputs`) and given to ``denoiser``; the result is returned as the original
-    would return it (``(eps,)`` with ``return_dict=False``, else an object with ``.sample``).
 
-    A new sampling run starts (``denoiser.reset(timesteps)``) on the first call, whenever the
-    ``timesteps`` callable returns another object than in the current run (schedulers make a new
-    tensor in every ``set_timesteps``), and after the run's last step.
+class Program(Protocol):
+    """Where a scheduled denoiser gets the stream of a call position and structure."""
+
+    def stream(self, name: str, position: int, key: CallKey, step: int, index: int) -> Stream:
+        """A new stream, or :class:`NeedsCapture` when nothing was captured for ``key``."""
+
+
+@dataclass
+class _Fixed:
+    """The program of :func:`wrap_pipeline`: one given step denoiser, one call per step."""
+
+    binding: CapturedModel
+    denoiser: Any
+    streams: dict[int, Stream] = field(default_factory=dict)
+
+    def stream(self, name: str, position: int, key: CallKey, step: int, index: int) -> Stream:
+        if position:
+            raise UnsupportedError(f"the pipeline calls its denoiser {name!r} {position + 1} times in step {step}; "
+                                   "wrap_pipeline runs one step denoiser once per step: use parallelize(pipe, ...), "
+                                   "which gives each call its own stream")
+        return self.streams.setdefault(0, Stream(self.binding, self.denoiser))
+
+
+# --- the drop-in forward ----------------------------------------------------------------------
+
+
+class ScheduledDenoiser:
+    """The denoiser's ``forward`` while it runs a schedule (installed by :func:`install`).
+
+    Each call finds its scheduler step and position (Note [streams]), its structure (Note
+    [call structure]) and so its stream; it is flattened with the stream's capture, fitted to
+    the captured shapes (:func:`fit_inputs`) and given to the stream's step denoiser; the
+    prediction comes back as the model returns it (:class:`~asyncdiff_partition.pipelines.
+    structure.OutputForm`).
 
     Args:
-        denoiser: a :class:`~asyncdiff_partition.runtime.reference.StepDenoiser`.
-        captured: the capture whose placeholders ``denoiser`` expects.
-        original: the module replaced; defaults to the captured model.
-        timesteps: returns the current run's timesteps (``lambda: pipe.scheduler.timesteps``);
-            without it, call :meth:`reset` before each run.
-        values: maps the run's timesteps to the values the loop feeds the denoiser, in the
-            pipeline's own form (t / 1000, sigmas: Note [timestep forms] in
-            :mod:`~asyncdiff_partition.pipelines.recording`); None entries are not checked.
-            Steps follow the call count, not the timestep's value.
+        module: the denoiser.
+        name: its component name in the pipeline (for messages).
+        program: gives the stream of a new call position or structure.
+        scheduler: returns the scheduler whose steps this denoiser's calls belong to.
+        form: how the loop's timestep relates to that scheduler (Note [timestep forms]); None:
+            not checked.
+        output: how the model returns its prediction.
+        warmup: exact steps at the start of a run, in inference steps.
+        switch_warmup: exact steps of a stream that starts later in a run (default ``warmup``).
     """
 
-    def __init__(
-        self,
-        denoiser: Any,
-        captured: CapturedModel,
-        original: torch.nn.Module | None = None,
-        *,
-        timesteps: Callable[[], Any] | None = None,
-        values: Callable[[Any], Sequence[float | None] | None] | None = None,
-    ) -> None:
-        super().__init__()
-        original = original if original is not None else captured.model
-        param = next(original.parameters(), None) if isinstance(original, torch.nn.Module) else None
-        # object.__setattr__: neither is a sub-module (see the class docstring).
-        object.__setattr__(self, "original", original)
-        object.__setattr__(self, "denoiser", denoiser)
-        self.captured = captured
-        self._timesteps = timesteps
-        self._values = values
-        self._dtype = param.dtype if param is not None else torch.float32
-        self._device = param.device if param is not None else torch.device("cpu")
-        self._run: Any = None  # the timesteps object of the current run
-        self._steps: list[float] = []
-        self.step = 0
+    def __init__(self, module: torch.nn.Module, name: str, program: Program, *, scheduler: Callable[[], Any],
+                 form: str | None = "t", output: OutputForm | None = None, warmup: int = 1,
+                 switch_warmup: int | None = None):
+        current = module.__dict__.get("forward")
+        self.original_forward: Callable[..., Any] = current if current is not None else module.forward
+        self.__signature__ = inspect.signature(self.original_forward)
+        self.module, self.name, self.program = module, name, program
+        self._scheduler, self.form, self.output = scheduler, form, output or OutputForm("tuple")
+        self.warmup = warmup
+        self.switch_warmup = warmup if switch_warmup is None else switch_warmup
+        param = self.__signature__.parameters.get("return_dict")
+        self._return_dict = bool(param.default) if param is not None and param.default is not param.empty else False
+        self.streams: dict[tuple[int, CallKey], Stream] = {}
+        self._run: Any = None
+        self._position: tuple[int, int] = (-1, 0)  # (step, calls made in it)
         self.step_ms: list[float] = []
         self.step_spans: list[dict[str, Any]] = []
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
+    def denoiser(self) -> Any:
+        """The step denoiser of the first stream (one per call position: see :attr:`streams`)."""
+        first = next(iter(self.streams.values()), None)
+        if first is None and isinstance(self.program, _Fixed):
+            return self.program.denoiser
+        return first.denoiser if first is not None else None
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("original")
-            if original is None or name.startswith("__"):
-                raise
-            return getattr(original, name)
-
-    def reset(self, timesteps: Sequence[float | int] | Tensor) -> None:
-        """Start a new sampling run over ``timesteps`` (the loop's T timesteps, in order)."""
-        steps = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
-        if self._values is not None:
-            fed = self._values(timesteps)
-            steps = list(fed) if fed is not None else [None] * len(steps)
-        self.denoiser.reset(steps)
-        self._run, self._steps, self.step = timesteps, steps, 0
-        self.step_ms, self.step_spans = [], []
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return_dict = kwargs.get("return_dict", True)
-        inputs = fit_inputs(self.captured, _bind_call(self.original, self.captured, args, dict(kwargs)))
-        self._maybe_reset()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.get("return_dict", self._return_dict)
+        scheduler = self._scheduler()
+        clock = step_clock(scheduler)
+        count, step = clock.now()
+        run = (id(scheduler), count)
+        if run != self._run:
+            self._run, self._position = run, (-1, 0)
+            self.step_ms, self.step_spans = [], []
+        position = self._position[1] if self._position[0] == step else 0
+        self._position = (step, position + 1)
+        call = normalize_call(self.module, args, kwargs)
+        key = call_key(self.module, call)
+        stream = self.streams.get((position, key))
+        if stream is None:
+            stream = self.program.stream(self.name, position, key, step, len(self.streams))
+            self.streams[(position, key)] = stream
+        if stream.run != run:
+            stream.begin(run, step, *self._run_of(scheduler, step))
+        elif stream.next != step:
+            raise ScheduleError(f"call {position} of {self.name!r} came at step {step} but its stream's last call was "
+                                f"at step {stream.next - 1}; a pipeline that skips a denoiser call in some steps "
+                                "cannot keep its stale values in order")
+        inputs = fit_inputs(stream.binding, _flatten(stream.binding, call))
         begin = time.perf_counter()
-        eps = self.denoiser(inputs)
+        eps = stream.denoiser(inputs)
         end = time.perf_counter()
+        stream.next = step + 1
         self.step_ms.append((end - begin) * 1e3)
-        self.step_spans.append({"name": f"step {self.step}", "start_s": begin, "end_s": end})
-        self.step += 1
-        return DenoiserOutput(eps) if return_dict else (eps,)
+        self.step_spans.append({"name": f"step {step} call {position}", "start_s": begin, "end_s": end})
+        return self.output.build(eps, return_dict)
 
-    def _maybe_reset(self) -> None:
-        if self._timesteps is None:
-            if self._run is None:
-                raise UsageError("ScheduledDenoiser has no timesteps source: call .reset(timesteps) before a run")
-            if self.step >= len(self._steps):
-                self.reset(self._run)
-            return
-        current = self._timesteps()
-        if current is not self._run or self.step >= len(self._steps):
-            self.reset(current)
+    def _run_of(self, scheduler: Any, start: int) -> tuple[list[float | None], int]:
+        """The timestep values from ``start`` to the end of the run, and the stream's warm-up there."""
+        from asyncdiff_partition.pipelines.recording import timestep_values
+
+        known = timestep_values(scheduler, self.form)
+        if known is None:
+            begin = getattr(scheduler, "begin_index", None) or 0
+            values: list[float | None] = [None] * max(len(scheduler.timesteps) - begin, start + 1)
+        else:
+            values = list(known)
+        total = len(values)
+        inference = int(getattr(scheduler, "num_inference_steps", None) or total)
+        warmup = self.warmup if start == 0 else self.switch_warmup
+        if self.warmup >= inference or warmup >= inference:
+            exact = total - start
+        else:
+            exact = math.ceil(warmup * total / max(inference, 1))
+        return values[start:], exact
+
+    def abandon(self) -> None:
+        """End every stream's run where it is (a pipeline call that stopped part way); every rank must."""
+        for stream in self.streams.values():
+            drain = getattr(stream.denoiser, "abandon", None)
+            if drain is not None:
+                drain()
+            stream.run = None
+        self._run = None
 
     def report(self) -> list[dict[str, Any]]:
-        """The step denoiser's per-step report if it keeps one, else this wrapper's timings."""
-        if hasattr(self.denoiser, "report"):
-            return list(self.denoiser.report())
+        """The first stream's per-step report if it keeps one, else this wrapper's timings."""
+        denoiser = self.denoiser
+        if hasattr(denoiser, "report"):
+            return list(denoiser.report())
         return [{"step": s, "rank": 0, "compute_ms": ms, "wait_ms": 0.0, "comm_ms": 0.0, "bytes_sent": 0}
                 for s, ms in enumerate(self.step_ms)]
 
     def spans(self) -> list[dict[str, Any]]:
-        """The step denoiser's spans if it keeps them, else one span per step."""
-        if hasattr(self.denoiser, "spans"):
-            return list(self.denoiser.spans())
+        """The first stream's spans if it keeps them, else one span per call."""
+        denoiser = self.denoiser
+        if hasattr(denoiser, "spans"):
+            return list(denoiser.spans())
         return list(self.step_spans)
+
+    @property
+    def captured(self) -> CapturedModel:
+        """The capture that binds the first stream's calls."""
+        first = next(iter(self.streams.values()), None)
+        if first is None and isinstance(self.program, _Fixed):
+            return self.program.binding
+        assert first is not None, "no call was made yet"
+        return first.binding
+
+
+def scheduled(module: Any) -> ScheduledDenoiser | None:
+    """The scheduled denoiser installed on ``module``, if any."""
+    current = getattr(module, "__dict__", {}).get("forward")
+    return current if isinstance(current, ScheduledDenoiser) else None
+
+
+def install(module: torch.nn.Module, denoiser: ScheduledDenoiser) -> ScheduledDenoiser:
+    """Make ``denoiser`` the model's ``forward`` (an earlier one is removed first)."""
+    uninstall(module)
+    denoiser.original_forward = module.__dict__.get("forward") or module.forward
+    module.__dict__["forward"] = denoiser
+    return denoiser
+
+
+def uninstall(module: torch.nn.Module) -> None:
+    """The model's own ``forward`` back (or the instance forward it had before)."""
+    current = scheduled(module)
+    if current is None:
+        return
+    original = current.original_forward
+    if getattr(original, "__self__", None) is module and getattr(original, "__func__", None) is type(module).forward:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = original
 
 
 def wrap_pipeline(pipe: Any, denoiser: Any, captured: CapturedModel, *, name: str | None = None,
                   form: str | None = "t") -> Any:
-    """Put ``denoiser`` in place of the pipeline's denoiser; returns ``pipe``.
+    """Run ``denoiser`` (one step denoiser, one call per step) in place of the pipeline's denoiser; returns ``pipe``.
 
     The pipeline's unmodified ``__call__`` then runs the schedule; one sampling run per call.
+    For pipelines that call their denoiser more than once per step, use
+    :func:`~asyncdiff_partition.pipelines.parallelize.parallelize`.
 
     Example:
         >>> wrap_pipeline(pipe, ReferenceSchedule(segments, warmup=50), captured)  # doctest: +SKIP
 
     Args:
-        name: the attribute to replace (a :class:`~asyncdiff_partition.pipelines.recording.Recording`'s
-            ``name``); default: the attribute holding the captured model (:func:`denoiser_name`).
+        name: the component to replace (a recording's denoiser name); default: the attribute
+            holding the captured model (:func:`denoiser_name`).
         form: how the loop's timestep relates to ``pipe.scheduler`` (Note [timestep forms]);
             None: not checked.
 
     Raises:
         TypeError: no ``name`` and no attribute of the pipeline holds the captured model.
     """
-    from asyncdiff_partition.pipelines.recording import timestep_values
-
     name = name or denoiser_name(pipe, captured.model)
-    original = getattr(pipe, name)
-    if isinstance(original, ScheduledDenoiser):
-        original = original.original
-    scheduled = ScheduledDenoiser(denoiser, captured, original, timesteps=lambda: pipe.scheduler.timesteps,
-                                  values=lambda _: timestep_values(pipe.scheduler, form))
-    setattr(pipe, name, scheduled)
+    module = getattr(pipe, name)
+    scheduled_forward = ScheduledDenoiser(module, name, _Fixed(captured, denoiser),
+                                          scheduler=lambda: pipe.scheduler, form=form,
+                                          output=OutputForm("class", DenoiserOutput, "sample"))
+    install(module, scheduled_forward)
     return pipe
 
 
 def unwrap_pipeline(pipe: Any) -> Any:
-    """Undo :func:`wrap_pipeline`: the original denoiser back in place; returns ``pipe``."""
-    for name, current in list(vars(pipe).items()):
-        if isinstance(current, ScheduledDenoiser):
-            setattr(pipe, name, current.original)
+    """Undo :func:`wrap_pipeline`: every component's own ``forward`` back; returns ``pipe``."""
+    for value in list(vars(pipe).values()) + list(getattr(pipe, "components", {}).values()):
+        if isinstance(value, torch.nn.Module):
+            uninstall(value)
     return pipe
 
 
@@ -297,31 +376,25 @@ def call_binding(captured: CapturedModel) -> CapturedModel:
 
 def denoiser_name(pipe: Any, module: Any = None) -> str:
     """The pipeline attribute holding ``module``: by identity, else the one component of its class;
-    without ``module``, the attribute holding a :class:`ScheduledDenoiser`.
+    without ``module``, the attribute holding a model with a :class:`ScheduledDenoiser`.
 
     Found, not named: no table of ``unet`` / ``transformer``; a pipeline's own call finds its
-    denoiser with :func:`~asyncdiff_partition.pipelines.recording.record_denoiser_call`.
+    denoisers with :func:`~asyncdiff_partition.pipelines.recording.record_denoiser_calls`.
 
     Raises:
         TypeError: no attribute (or several of the class) holds it.
     """
-    found = list(vars(pipe).items())
-
-    def held(value: Any) -> Any:
-        return value.original if isinstance(value, ScheduledDenoiser) else value
-
-    same = [name for name, value in found if module is not None and held(value) is module]
+    found = [(name, value) for name, value in vars(pipe).items() if isinstance(value, torch.nn.Module)]
+    same = [name for name, value in found if module is not None and value is module]
     if not same and module is not None:
-        same = [name for name, value in found if type(held(value)) is type(module)]
+        same = [name for name, value in found if type(value) is type(module)]
     if module is None:
-        same = [name for name, value in found if isinstance(value, ScheduledDenoiser)]
+        same = [name for name, value in found if scheduled(value) is not None]
     if len(same) != 1:
         raise TypeError(f"{len(same)} attributes of {type(pipe).__name__} hold a {type(module).__name__} denoiser "
                         f"({same}); pass name= (the attribute to replace), or use parallelize(pipe, ...), which "
                         "finds it from the pipeline's own call")
     return same[0]
-
-
 
 
 # --- custom loops -----------------------------------------------------------------------------

@@ -59,7 +59,9 @@ from asyncdiff_partition.runtime.extrapolation import StaleHistory
 from asyncdiff_partition.runtime.layout import ReadySegment, tensor_leaves
 from asyncdiff_partition.runtime.reference import SamplingRun, check_inputs, step_inputs
 
-__all__ = ["AsyncDenoiser", "check_agreement", "segment_for_rank"]
+__all__ = ["STREAM_TAGS", "AsyncDenoiser", "check_agreement", "segment_for_rank"]
+
+STREAM_TAGS = 1 << 20  # message tags per stream: more than any graph's node positions
 
 
 def segment_for_rank(segments: Sequence[ReadySegment], rank: int | None = None) -> ReadySegment:
@@ -124,6 +126,9 @@ class AsyncDenoiser:
             :class:`~asyncdiff_partition.runtime.policy.PhasePolicy`); default the warm-up.
         extrapolation: λ of Note [extrapolation] (runtime/extrapolation.py); default
             ``plan.extrapolation``.
+        stream: this denoiser's number among the step denoisers that run side by side in one
+            loop (one per denoiser call position, Note [streams] in pipelines/wrap.py): the same
+            on every rank; it keeps their messages apart.
 
     Raises:
         RuntimeError: the process group is not set up.
@@ -151,7 +156,9 @@ class AsyncDenoiser:
         group: comm.Group | None = None,
         phases: Any = None,
         extrapolation: float | None = None,
+        stream: int = 0,
     ):
+        self._tag_base = stream * STREAM_TAGS
         self._comm: Any = comm if group is None else group  # a batch group's ranks (runtime.groups)
         self.phases = phases  # a switching policy's mask (runtime.policy), re-read every step
         self.rank, self.world_size, self.device = self._comm.rank(), self._comm.world_size(), self._comm.device()
@@ -257,6 +264,12 @@ class AsyncDenoiser:
         latent = inputs.get(self._latent)
         return eps.to(latent.device) if latent is not None else eps
 
+    def abandon(self) -> None:
+        """End the current run where it is (every rank must): finish its transfers, forget its state."""
+        self._drain()
+        self._run = None
+        self._reset_state()
+
     # --- measurements ---------------------------------------------------------------------
 
     def report(self) -> list[dict[str, Any]]:
@@ -286,7 +299,7 @@ class AsyncDenoiser:
         for name in self._segment.receives:
             src = self._segment.source(name)
             buffers = self._layouts[name].empty(self.device)
-            works = self._comm.irecv(buffers, src, tag=self._segment.tag(name))
+            works = self._comm.irecv(buffers, src, tag=self._tag_base + self._segment.tag(name))
             self._inbox.append((step.index, name, src, buffers, works))
         stats["comm_ms"] += self._span("post", stats, begin)
 
@@ -330,7 +343,7 @@ class AsyncDenoiser:
             tensors = tensor_leaves(values[name])
             consumers = self._segment.placement.consumers(name)
             for dst in sorted({w.slot for w in reading if w.segment in consumers} - {self.rank}):
-                self._sends.append((self._comm.isend(tensors, dst, tag=self._segment.tag(name)), tensors, name, dst))
+                self._sends.append((self._comm.isend(tensors, dst, tag=self._tag_base + self._segment.tag(name)), tensors, name, dst))
                 stats["bytes_sent"] += sum(t.numel() * t.element_size() for t in tensors)
         stats["comm_ms"] += self._span("send", stats, begin)
 

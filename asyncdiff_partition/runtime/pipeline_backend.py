@@ -31,9 +31,10 @@ import torch.fx
 from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.device_move import move_captured
+from asyncdiff_partition.fx.pickling import is_stand_in
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
-from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, wrap_pipeline
+from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, scheduled, wrap_pipeline
 from asyncdiff_partition.runtime.report import peak_resident_bytes, resident_bytes
 from asyncdiff_partition.runtime.settings import RunConfig, RunSettings, latent_shape
 
@@ -144,25 +145,27 @@ def _prepare(
 
 
 def release_weights(model: torch.nn.Module, keep: torch.nn.Module) -> int:
-    """Swap every parameter and buffer of ``model`` that ``keep`` does not hold for a meta tensor.
+    """Swap every parameter and buffer of ``model`` that ``keep`` does not hold for a stand-in.
 
-    A rank's pipeline keeps the original denoiser for its attributes (``config``, ...), not its
-    weights: after this, only the weights of this rank's segment (``keep``) stay in memory, once
-    nothing else refers to the old tensors (drop the capture first). Returns the bytes kept.
+    A rank's pipeline keeps the original denoiser for its attributes (``config``, ``dtype``,
+    ``device``, ...), not its weights: after this, only the weights of this rank's segments
+    (``keep``) stay in memory, once nothing else refers to the old tensors (drop the capture
+    first). A stand-in is one element on the tensor's device, expanded to its shape and dtype
+    (Note [weight stand-ins] in fx/pickling.py). Returns the bytes kept.
     """
     own = {id(t) for t in (*keep.parameters(), *keep.buffers())}
     kept = 0
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, t in store.items():
-                if t is None or t.device.type == "meta":
+                if t is None or t.device.type == "meta" or is_stand_in(t):
                     continue
                 if id(t) in own:
                     kept += t.numel() * t.element_size()
                     continue
-                meta = t.detach().to("meta")
+                empty = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
                 is_param = isinstance(t, torch.nn.Parameter)
-                store[name] = torch.nn.Parameter(meta, requires_grad=False) if is_param else meta  # type: ignore[assignment]
+                store[name] = torch.nn.Parameter(empty, requires_grad=False) if is_param else empty  # type: ignore[assignment]
     return kept
 
 
@@ -197,7 +200,8 @@ def _sample(config: RunConfig, built: BuiltPipeline, denoiser: Any, *, rank: int
     with torch.no_grad():
         pictures = built(steps=steps, guidance_scale=config.guidance, images=images)
     wall_s = time.perf_counter() - begin
-    wrapped = next(v for v in vars(built.pipe).values() if isinstance(v, ScheduledDenoiser))  # wrap_pipeline's
+    wrapped = scheduled(built.model)  # wrap_pipeline's
+    assert isinstance(wrapped, ScheduledDenoiser)
     paths: list[str] = []
     if rank == 0:
         out = Path(config.out_dir)

@@ -174,19 +174,19 @@ def prepare_pipeline_run(config: PipelineRun) -> tuple[PipelineRun, dict[str, An
     from asyncdiff_partition.core.plan import Plan
     from asyncdiff_partition.fx.capture import capture_model
     from asyncdiff_partition.pipelines.parallelize import choose_plan
-    from asyncdiff_partition.pipelines.recording import record_denoiser_call
+    from asyncdiff_partition.pipelines.recording import record_denoiser_calls
 
     if config.stride not in (1, 2):
         raise PipelineJobError(f"stride must be 1 or 2, got {config.stride}")
     pipe = load_pipeline(config.model)
     call = call_arguments(pipe, config)
-    recording = record_denoiser_call(pipe, **call)
-    captured = capture_model(recording.module, recording.args, recording.kwargs)
+    recording = record_denoiser_calls(pipe, kwargs=call).denoisers[0]
+    captured = capture_model(recording.module, (), recording.calls[0].call)
     devices = config.devices
     if config.plan is not None and devices is None:
         devices = Plan.load(config.plan).n_devices
     devices = devices or 2
-    plan = choose_plan(captured, recording, devices, stride=config.stride, warmup=config.warmup, plan=config.plan,
+    plan = choose_plan(captured, recording.module, devices, stride=config.stride, warmup=config.warmup, plan=config.plan,
                        cache_dir=None, steps=config.steps or 50)
     path = config.plan or str(plan.save(Path(config.out_dir) / "plan.json"))
     dtype = next(recording.module.parameters()).dtype
@@ -293,10 +293,10 @@ def profile_pipeline(config: PipelineRun, *, device: str = "cpu", warmup: int = 
     """
     from asyncdiff_partition.fx.capture import capture_model
     from asyncdiff_partition.fx.profiler import profile_model
-    from asyncdiff_partition.pipelines.recording import record_denoiser_call
+    from asyncdiff_partition.pipelines.recording import record_denoiser_calls
 
     pipe = load_pipeline(config.model, device=device)
-    recording = record_denoiser_call(pipe, **call_arguments(pipe, config))
-    captured = capture_model(recording.module, recording.args, recording.kwargs)
+    recording = record_denoiser_calls(pipe, kwargs=call_arguments(pipe, config)).denoisers[0]
+    captured = capture_model(recording.module, (), recording.calls[0].call)
     return profile_model(captured, model_name=str(config.model), device=device, warmup=warmup, repeats=repeats,
                          command=command)

@@ -135,7 +135,12 @@ class ReferenceSchedule:
         self._run: SamplingRun | None = None
 
     def reset(self, timesteps: Sequence[float | int]) -> None:
-        """Start a sampling run over ``timesteps`` (the values the loop feeds the model, in order)."""
+        """Start a sampling run over ``timesteps`` (the values the loop feeds the model, in order).
+
+        ``warmup`` may be changed between runs; it takes effect here.
+        """
+        make_schedule(len(self.segments), 0, warmup=self.warmup, stride=self.stride)  # validates
+        self.policy.warmup = self.warmup
         self.policy.reset(len(timesteps))
 
         def remake() -> list[Step]:
