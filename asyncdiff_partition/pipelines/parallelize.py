@@ -41,7 +41,7 @@ from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import Plan, PlanError, SegmentPlan, make_plan
 from asyncdiff_partition.fx.capture import CapturedModel, capture_model
 from asyncdiff_partition.pipelines.recording import Call, DenoiserRecord, Recording, record_denoiser_calls
-from asyncdiff_partition.pipelines.structure import CallKey
+from asyncdiff_partition.pipelines.structure import CallKey, configured
 from asyncdiff_partition.pipelines.wrap import (
     NeedsCapture,
     ScheduledDenoiser,
@@ -258,7 +258,8 @@ class _Parallel:
     def _compile(self, record: DenoiserRecord, call: Call) -> _Compiled:
         from asyncdiff_partition.fx.ready import ready_segments
 
-        with _own_forward(record.module):  # capture, profile and checks run the model itself
+        # capture, profile and checks run the model itself, set up as the pipeline had it for this call
+        with _own_forward(record.module), configured(record.module, call.configuration):
             captured = self._capture(record, call)
             timestep = _timestep_input(captured, record, self.stride)
             chosen = _agree(lambda: self._choose(record, captured), self.launched)

@@ -55,7 +55,13 @@ from torch import Tensor
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.pipelines.clock import is_scheduler, remove_clock, step_clock
-from asyncdiff_partition.pipelines.structure import CallKey, OutputForm, call_key, normalize_call
+from asyncdiff_partition.pipelines.structure import (
+    CallKey,
+    OutputForm,
+    call_key,
+    configuration_state,
+    normalize_call,
+)
 
 __all__ = ["FORMS", "REAL_STEPS", "Call", "DenoiserRecord", "Recording", "RecordingError", "components",
            "record_denoiser_calls", "schedulers", "timestep_values"]
@@ -82,12 +88,15 @@ class Call:
         position: it was the ``position``-th call of this denoiser in that step.
         call: the normalized call (:func:`~asyncdiff_partition.pipelines.structure.normalize_call`).
         key: its structure (:func:`~asyncdiff_partition.pipelines.structure.call_key`).
+        configuration: the attention processors in place during the call (capture under
+            :func:`~asyncdiff_partition.pipelines.structure.configured`).
     """
 
     step: int
     position: int
     call: dict[str, Any]
     key: CallKey
+    configuration: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,6 +181,7 @@ class _Event:
     shape: tuple[int, ...] | None = None  # first output leaf / model_output
     clocks: dict[str, tuple[int, int]] = field(default_factory=dict)
     output: Any = None  # the first real output of a component
+    configuration: dict[str, Any] = field(default_factory=dict)  # its attention processors then
 
 
 def record_denoiser_calls(pipe: Any, args: tuple = (), kwargs: Mapping[str, Any] | None = None, *,
@@ -231,6 +241,7 @@ def record_denoiser_calls(pipe: Any, args: tuple = (), kwargs: Mapping[str, Any]
                 out = _clone(last_output[slot])
             else:
                 event.call = _clone(call) if call is not None else None
+                event.configuration = configuration_state(_module)
                 out = _forward(*a, **kw)
                 if interval not in seen:
                     seen.append(interval)
@@ -307,12 +318,20 @@ def _first_shape(out: Any) -> tuple[int, ...] | None:
 
 
 def _score(shape: tuple[int, ...] | None, expected: tuple[int, ...] | None) -> int:
-    """How much an output looks like the prediction a scheduler step took (0: not at all)."""
-    if shape is None or expected is None or len(shape) != len(expected) or shape[2:] != expected[2:]:
+    """How much an output looks like the prediction a scheduler step took (0: not at all).
+
+    The batch is left out (guidance passes are split after the call); one dimension twice as
+    large is a learned variance (DiT's channels, Shap-E's last dimension).
+    """
+    if shape is None or expected is None or len(shape) != len(expected):
         return 0
-    if shape[1:] == expected[1:]:
+    mine, theirs = shape[1:], expected[1:]
+    if mine == theirs:
         return 3
-    return 2 if len(shape) > 1 and shape[1] == 2 * expected[1] else 1
+    differ = [(a, b) for a, b in zip(mine, theirs) if a != b]
+    if len(differ) == 1 and differ[0][0] == 2 * differ[0][1]:
+        return 2
+    return 1 if shape[2:] == expected[2:] else 0
 
 
 def _analyse(pipeline: str, modules: dict[str, torch.nn.Module], scheds: dict[str, Any],
@@ -352,7 +371,7 @@ def _denoiser(pipeline: str, name: str, module: torch.nn.Module, sname: str, sch
             if e.call is None:
                 raise RecordingError(f"{pipeline} calls its denoiser {name!r} in a way parallelize cannot bind to "
                                      f"{type(module).__name__}.forward (positional *args?)")
-            first[slot] = Call(e.clocks[sname][1], e.position, e.call, e.key)
+            first[slot] = Call(e.clocks[sname][1], e.position, e.call, e.key, e.configuration)
     output = next(e.output for e in mine if e.output is not None)
     form_of = OutputForm.of(output, f"{pipeline}'s denoiser {name!r} ({type(module).__name__})")
     timestep, form = _find_timestep(module, [e for e in mine if e.position == 0 and e.call is not None], sname,

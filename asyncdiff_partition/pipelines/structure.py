@@ -18,8 +18,9 @@ Prompts, seeds and guidance scales are tensor *values*: they never change the ke
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from asyncdiff_partition.core.errors import UnsupportedError
 
-__all__ = ["DenoiserOutput", "OutputForm", "call_key", "configuration", "normalize_call"]
+__all__ = ["DenoiserOutput", "OutputForm", "call_key", "configuration", "configuration_state", "configured",
+           "normalize_call"]
 
 CallKey = Hashable
 
@@ -67,6 +69,7 @@ def configuration(module: torch.nn.Module) -> tuple[Any, ...]:
     found: list[Any] = []
     for name, sub in module.named_modules():
         processor = sub.__dict__.get("processor")
+        processor = processor if processor is not None else sub._modules.get("processor")
         if processor is not None:
             found.append((name, type(processor).__qualname__, _scale(processor)))
         scaling = sub.__dict__.get("scaling")
@@ -74,6 +77,38 @@ def configuration(module: torch.nn.Module) -> tuple[Any, ...]:
             found.append((name, "lora", tuple(sorted(scaling.items())),
                           tuple(getattr(sub, "active_adapters", ()) or ()), bool(getattr(sub, "merged", False))))
     return tuple(found)
+
+
+def configuration_state(module: torch.nn.Module) -> dict[str, Any]:
+    """The attention processors in place now, by module path: what :func:`configured` puts back."""
+    return {name: sub.__dict__["processor"] if "processor" in sub.__dict__ else sub._modules["processor"]
+            for name, sub in module.named_modules()
+            if sub.__dict__.get("processor") is not None or sub._modules.get("processor") is not None}
+
+
+@contextlib.contextmanager
+def configured(module: torch.nn.Module, state: Mapping[str, Any] | None) -> Iterator[None]:
+    """The model with the attention processors of ``state`` for a while (a pipeline sets its own during its
+    call, PAG's for instance, and puts the old ones back after it: the capture must see the call's)."""
+    if not state:
+        yield
+        return
+    before = configuration_state(module)
+    _set_processors(module, state)
+    try:
+        yield
+    finally:
+        _set_processors(module, before)
+
+
+def _set_processors(module: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    for name, processor in state.items():
+        sub = module.get_submodule(name)
+        setter = getattr(sub, "set_processor", None)
+        if callable(setter):
+            setter(processor)
+        else:
+            sub.processor = processor
 
 
 def _scale(processor: Any) -> Any:
