@@ -77,6 +77,16 @@ def clip_processor(size: int = 32) -> Any:
     return CLIPImageProcessor(crop_size=size, size={"shortest_edge": size})
 
 
+def wan_prompt_embeds(pipe: Any, *texts: str) -> list[torch.Tensor]:
+    """UMT5 embeddings of ``texts`` by WanPipeline's own encoder code, for pipelines whose prompt cleaning calls
+    ``ftfy.fix_text`` unguarded (WanImageToVideoPipeline, SkyReelsV2Pipeline: NameError without ftfy)."""
+    from diffusers import WanPipeline
+
+    with torch.no_grad():
+        return [WanPipeline._get_t5_prompt_embeds(pipe, text, max_sequence_length=TOKENS, device=torch.device("cpu"))
+                for text in texts]
+
+
 # --- the families -------------------------------------------------------------------------------
 
 
@@ -103,7 +113,7 @@ def wan_i2v(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     ``prompt_embeds`` / ``negative_prompt_embeds`` (made by WanPipeline's encoder), because the I2V pipeline's
     prompt cleaning calls ``ftfy`` without checking that it is installed.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
     _seeded(seed)
     pipe = WanImageToVideoPipeline(tokenizer=tokenizer(folder), text_encoder=umt5_text(), vae=wan_vae(),
@@ -111,12 +121,7 @@ def wan_i2v(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                                    image_processor=clip_processor(32),
                                    image_encoder=clip_vision(hidden=4, image_size=32, patch_size=8, projection=False),
                                    transformer=wan_transformer(in_channels=36, image_dim=4))
-    # WanImageToVideoPipeline's prompt cleaning calls ftfy.fix_text unguarded (NameError where ftfy is not
-    # installed, as here): encode the prompts with WanPipeline's identical encoder and pass the embeddings.
-    with torch.no_grad():
-        embeds, negative = (WanPipeline._get_t5_prompt_embeds(pipe, text, max_sequence_length=TOKENS,
-                                                              device=torch.device("cpu"))
-                            for text in (PROMPT, NEGATIVE))
+    embeds, negative = wan_prompt_embeds(pipe, PROMPT, NEGATIVE)
     return pipe, dict(image=random_image(seed, SIZE), prompt_embeds=embeds, negative_prompt_embeds=negative,
                       height=SIZE, width=SIZE, num_frames=5, guidance_scale=5.0, output_type="latent")
 
@@ -138,18 +143,191 @@ def wan22(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                       guidance_scale=5.0, max_sequence_length=TOKENS, output_type="latent")
 
 
+def chroma(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Chroma: T5 encoder (2 layers, d 32), ChromaTransformer2DModel (1 double + 1 single block, 2 x 16 heads).
+
+    Flux-style packed latents (AutoencoderKL with 4 latent channels, 16 px -> 4 packed tokens).
+    guidance_scale 4 with a negative prompt: the transformer is called twice per step (cond, then uncond).
+    """
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seeded(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT,
+                                           axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=1).eval()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.06),
+                          text_encoder=t5_text(), tokenizer=tokenizer(folder), transformer=transformer)
+    return pipe, dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, guidance_scale=4.0,
+                      max_sequence_length=TOKENS, output_type="latent")
+
+
+def skyreels(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """SkyReels V2 text-to-video: UMT5 (1 layer), SkyReelsV2Transformer3DModel (1 layer, 2 x 12 heads), Wan VAE.
+
+    UniPC multistep with flow sigmas (its scheduler). 16 px, 5 frames. guidance_scale 5 and a negative prompt:
+    two transformer calls per step (cond, uncond). Quirk: prompts passed as embeddings (``wan_prompt_embeds``:
+    the pipeline's prompt cleaning calls ``ftfy`` unguarded).
+    """
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    _seeded(seed)
+    transformer = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                               in_channels=16, out_channels=16, text_dim=TEXT, freq_dim=32,
+                                               ffn_dim=32, num_layers=1, cross_attn_norm=True,
+                                               qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SkyReelsV2Pipeline(tokenizer=tokenizer(folder), text_encoder=umt5_text(), transformer=transformer,
+                              vae=wan_vae(), scheduler=scheduler)
+    embeds, negative = wan_prompt_embeds(pipe, PROMPT, NEGATIVE)
+    return pipe, dict(prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIZE, width=SIZE, num_frames=5,
+                      guidance_scale=5.0, output_type="latent")
+
+
+def qwen_true_cfg(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Qwen-Image with true CFG: a tiny Qwen2.5-VL (text 2 layers d 16, vocab 1000; vision 1 block), QwenImageTransformer2DModel
+    (1 layer, 3 x 16 heads), AutoencoderKLQwenImage (z 4, 4x spatial).
+
+    true_cfg_scale 4 with a negative prompt: the transformer is called twice per step (cond, then uncond).
+    The prompt goes through Qwen's chat template (its first 34 tokens dropped), with the byte tokenizer.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _seeded(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    autoencoder = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                         temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                         latents_std=[1.0] * 4).eval()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=1000, bos_token_id=512, eos_token_id=513,
+                         rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default", type="default"),
+                         rope_theta=1000000.0),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=1000, bos_token_id=512, eos_token_id=513, vision_start_token_id=997, vision_end_token_id=998, vision_token_id=999,
+        image_token_id=996, video_token_id=995)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=autoencoder, text_encoder=text_encoder,
+                             tokenizer=tokenizer(folder), transformer=transformer)
+    return pipe, dict(prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, height=SIZE, width=SIZE,
+                      max_sequence_length=TOKENS, output_type="latent")
+
+
+def cogvideox(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """CogVideoX: T5 encoder (2 layers, d 32), CogVideoXTransformer3DModel (1 layer, 4 x 8 heads, sincos positions),
+    AutoencoderKLCogVideoX (4 levels of 8 channels: 8x spatial, 4x temporal, 4 latent channels), CogVideoX DDIM.
+
+    16 px, 5 frames -> latent (1, 2, 4, 2, 2). guidance_scale 6: ONE transformer call per step on a batch of 2
+    (uncond and cond latents concatenated).
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    _seeded(seed)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=TEXT, num_layers=1,
+                                              sample_width=2, sample_height=2, sample_frames=5, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=TOKENS).eval()
+    autoencoder = AutoencoderKLCogVideoX(in_channels=3, out_channels=3,
+                                         down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                         up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                         latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                         temporal_compression_ratio=4).eval()
+    pipe = CogVideoXPipeline(tokenizer=tokenizer(folder), text_encoder=t5_text(), vae=autoencoder,
+                             transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    return pipe, dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_frames=5,
+                      guidance_scale=6.0, max_sequence_length=TOKENS, output_type="latent")
+
+
+def ltx(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """LTX-Video: T5 encoder (2 layers, d 32), LTXVideoTransformer3DModel (1 layer, 4 x 8 heads, 8 channels),
+    AutoencoderKLLTXVideo (8 channels a level, 4x spatial and 4x temporal compression).
+
+    32 px (LTX needs a multiple of 32), 9 frames -> 3 latent frames of 8 x 8, packed to 192 tokens (output_type
+    "latent" returns them packed: (1, 192, 8)).
+    guidance_scale 3: ONE transformer call per step on a batch of 2 (uncond, cond concatenated).
+    """
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    _seeded(seed)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=4, attention_head_dim=8, cross_attention_dim=TEXT,
+                                             num_layers=1, caption_channels=TEXT).eval()
+    autoencoder = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8,) * 4,
+                                        decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5,
+                                        decoder_layers_per_block=(1,) * 5,
+                                        spatio_temporal_scaling=(True, True, False, False),
+                                        decoder_spatio_temporal_scaling=(True, True, False, False),
+                                        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+                                        upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+                                        patch_size_t=1, encoder_causal=True, decoder_causal=False).eval()
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=autoencoder, text_encoder=t5_text(),
+                       tokenizer=tokenizer(folder), transformer=transformer)
+    return pipe, dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=32, width=32, num_frames=9,
+                      guidance_scale=3.0, max_sequence_length=TOKENS, output_type="latent")
+
+
+def hunyuan_video(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """HunyuanVideo: Llama encoder (2 layers, d 16; its default chat template, cropped), CLIP text encoder (pooled),
+    HunyuanVideoTransformer3DModel (1 double + 1 single block, 1 refiner layer, 2 x 10 heads), AutoencoderKLHunyuanVideo.
+
+    16 px, 5 frames -> latent (1, 4, 2, 2, 2). Guidance is distilled (guidance_embeds, guidance_scale 6 goes into
+    the transformer): ONE transformer call per step, batch 1 (no true CFG: true_cfg_scale stays 1).
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    _seeded(seed)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=TEXT,
+                                                 rope_axes_dim=(2, 4, 4)).eval()
+    autoencoder = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+                                            block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                            spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                            mid_block_add_attention=True).eval()
+    llama = LlamaModel(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                                   num_attention_heads=4, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                                   hidden_act="gelu")).eval()
+    tok = tokenizer(folder)
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tok, transformer=transformer, vae=autoencoder,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip_text(),
+                                tokenizer_2=tok)
+    return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, num_frames=5, guidance_scale=6.0,
+                      max_sequence_length=TOKENS, output_type="latent")
+
+
 # --- registry, sample ---------------------------------------------------------------------------
 
 NEW_FAMILIES: dict[str, Builder] = {
-    "wan_t2v": wan_t2v, "wan_i2v": wan_i2v, "wan22": wan22,
+    "wan_t2v": wan_t2v, "wan_i2v": wan_i2v, "wan22": wan22, "chroma": chroma, "skyreels": skyreels,
+    "qwen_true_cfg": qwen_true_cfg, "cogvideox": cogvideox, "ltx": ltx, "hunyuan_video": hunyuan_video,
 }
 
 DENOISERS: dict[str, tuple[str, ...]] = {
     "wan_t2v": ("transformer",), "wan_i2v": ("transformer",), "wan22": ("transformer", "transformer_2"),
+    "chroma": ("transformer",), "skyreels": ("transformer",), "qwen_true_cfg": ("transformer",),
+    "cogvideox": ("transformer",), "ltx": ("transformer",), "hunyuan_video": ("transformer",),
 }
 
 CALLS_PER_STEP: dict[str, int] = {
-    "wan_t2v": 2, "wan_i2v": 2, "wan22": 2,
+    "wan_t2v": 2, "wan_i2v": 2, "wan22": 2, "chroma": 2, "skyreels": 2, "qwen_true_cfg": 2, "cogvideox": 1, "ltx": 1,
+    "hunyuan_video": 1,
 }
 
 STEPS: dict[str, int] = {}
