@@ -312,31 +312,165 @@ def hunyuan_video(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any
                       max_sequence_length=TOKENS, output_type="latent")
 
 
+def pag_sd(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Stable Diffusion with perturbed-attention guidance: the tiny SD of tiny_pipelines (CLIP 2 layers d 32,
+    UNet2DConditionModel (16, 32)), DDIM, PAG on the mid block's self-attention (``pag_applied_layers=["mid"]``).
+
+    guidance_scale 5 and pag_scale 3: ONE UNet call per step on a batch of 3 (uncond, cond, perturbed); the
+    pipeline swaps in PAG attention processors for the call and restores the originals after it.
+    """
+    from diffusers import StableDiffusionPAGPipeline
+
+    _seeded(seed)
+    pipe = StableDiffusionPAGPipeline(vae=vae(), text_encoder=clip_text(), tokenizer=tokenizer(folder), unet=sd_unet(),
+                                      scheduler=_ddim(), safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False, pag_applied_layers=["mid"])
+    return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=5.0, pag_scale=3.0, output_type="latent")
+
+
+def pag_sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """SDXL with perturbed-attention guidance: two CLIP encoders, the text_time UNet of tiny_pipelines.sdxl,
+    Euler, PAG on the mid block (``pag_applied_layers=["mid"]``).
+
+    guidance_scale 5 and pag_scale 3: ONE UNet call per step on a batch of 3 (uncond, cond, perturbed).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPAGPipeline
+
+    _seeded(seed)
+    unet = sd_unet(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * TEXT,
+                   transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + TEXT)
+    tok = tokenizer(folder)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPAGPipeline(vae=vae(), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True),
+                                        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler,
+                                        add_watermarker=False, pag_applied_layers=["mid"])
+    return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=5.0, pag_scale=3.0, output_type="latent")
+
+
+def _kandinsky_prior_parts(folder: str | Path) -> dict[str, Any]:
+    """The Kandinsky 2.2 prior's components: PriorTransformer (1 layer, 2 x 12 heads, embedding 32), CLIP text and
+    vision encoders with projection (1 layer, d 32, 32 px images), UnCLIP scheduler."""
+    from diffusers import PriorTransformer, UnCLIPScheduler
+
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=TEXT, num_layers=1).eval()
+    with torch.no_grad():  # clip_std starts at 0, which would zero every output embedding
+        prior.clip_std.fill_(1.0)
+    scheduler = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                                clip_sample=True, clip_sample_range=10.0)
+    return dict(prior=prior, image_encoder=clip_vision(image_size=32, patch_size=8),
+                text_encoder=clip_text(projection=True), tokenizer=tokenizer(folder), scheduler=scheduler,
+                image_processor=clip_processor(32))
+
+
+def _kandinsky_decoder_parts() -> dict[str, Any]:
+    """The Kandinsky 2.2 decoder's components: an image-conditioned UNet2DConditionModel ((16, 32) channels,
+    image_proj + image embeddings of width 32, learned variance), a (32, 64) VQModel MoVQ (2x; its spatial norm
+    needs multiples of 32 channels), DDPM."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
+
+    unet = UNet2DConditionModel(in_channels=4, out_channels=8, addition_embed_type="image",
+                                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                                mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(16, 32),
+                                layers_per_block=1, encoder_hid_dim=TEXT, encoder_hid_dim_type="image_proj",
+                                cross_attention_dim=TEXT, attention_head_dim=4, norm_num_groups=8,
+                                resnet_time_scale_shift="scale_shift", class_embed_type=None).eval()
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+                   vq_embed_dim=4).eval()
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              steps_offset=1, prediction_type="epsilon", variance_type="learned_range")
+    return dict(unet=unet, scheduler=scheduler, movq=movq)
+
+
+def kandinsky22_prior(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Kandinsky 2.2 prior: text -> CLIP image embedding (1, 32). Denoiser ``prior`` (PriorTransformer).
+
+    guidance_scale 4: ONE prior call per step on a batch of 2 (uncond, cond). output_type "pt" (the prior
+    refuses "latent"); the main output is ``image_embeds``. The negative embedding comes from the image encoder
+    on a zero image.
+    """
+    from diffusers import KandinskyV22PriorPipeline
+
+    _seeded(seed)
+    pipe = KandinskyV22PriorPipeline(**_kandinsky_prior_parts(folder))
+    return pipe, dict(prompt=PROMPT, guidance_scale=4.0, output_type="pt")
+
+
+def kandinsky22_img2img(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Kandinsky 2.2 decoder, image-to-image: UNet conditioned on (seeded random) image embeddings (1, 32), MoVQ.
+
+    16 px image, strength 0.6: of T steps only int(0.6 T) run, so it needs T >= 4 for 2 steps (``STEPS`` says 5:
+    3 steps). guidance_scale 4: ONE UNet call per step on a batch of 2 (negative, positive embeddings). The UNet
+    predicts mean and variance (8 channels); the pipeline keeps the first 4.
+    """
+    from diffusers import KandinskyV22Img2ImgPipeline
+
+    _seeded(seed)
+    pipe = KandinskyV22Img2ImgPipeline(**_kandinsky_decoder_parts())
+    generator = torch.Generator().manual_seed(seed)
+    embeds, negative = torch.randn(2, 1, TEXT, generator=generator)
+    return pipe, dict(image=random_image(seed, SIZE), image_embeds=embeds, negative_image_embeds=negative,
+                      height=SIZE, width=SIZE, strength=0.6, guidance_scale=4.0, output_type="latent")
+
+
+def kandinsky22_combined(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Kandinsky 2.2 text-to-image, prior and decoder in one pipeline (the two above, text-to-image decoder).
+
+    Two denoisers, one after the other: ``prior_prior`` (PriorTransformer, the prior sub-pipeline's ``prior``)
+    for ``prior_num_inference_steps``, then ``unet`` for ``num_inference_steps``; ``sample`` sets both to T
+    (``STEP_ARGS``). Each calls its denoiser once per step on a batch of 2 (CFG). output_type "latent".
+    """
+    from diffusers import KandinskyV22CombinedPipeline
+
+    _seeded(seed)
+    prior = _kandinsky_prior_parts(folder)
+    pipe = KandinskyV22CombinedPipeline(**_kandinsky_decoder_parts(), **{f"prior_{k}": v for k, v in prior.items()})
+    return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=4.0, prior_guidance_scale=4.0,
+                      output_type="latent")
+
+
 # --- registry, sample ---------------------------------------------------------------------------
 
 NEW_FAMILIES: dict[str, Builder] = {
     "wan_t2v": wan_t2v, "wan_i2v": wan_i2v, "wan22": wan22, "chroma": chroma, "skyreels": skyreels,
     "qwen_true_cfg": qwen_true_cfg, "cogvideox": cogvideox, "ltx": ltx, "hunyuan_video": hunyuan_video,
+    "pag_sd": pag_sd, "pag_sdxl": pag_sdxl, "kandinsky22_prior": kandinsky22_prior,
+    "kandinsky22_img2img": kandinsky22_img2img, "kandinsky22_combined": kandinsky22_combined,
 }
 
 DENOISERS: dict[str, tuple[str, ...]] = {
     "wan_t2v": ("transformer",), "wan_i2v": ("transformer",), "wan22": ("transformer", "transformer_2"),
     "chroma": ("transformer",), "skyreels": ("transformer",), "qwen_true_cfg": ("transformer",),
     "cogvideox": ("transformer",), "ltx": ("transformer",), "hunyuan_video": ("transformer",),
+    "pag_sd": ("unet",), "pag_sdxl": ("unet",), "kandinsky22_prior": ("prior",), "kandinsky22_img2img": ("unet",),
+    "kandinsky22_combined": ("prior_prior", "unet"),
 }
 
 CALLS_PER_STEP: dict[str, int] = {
     "wan_t2v": 2, "wan_i2v": 2, "wan22": 2, "chroma": 2, "skyreels": 2, "qwen_true_cfg": 2, "cogvideox": 1, "ltx": 1,
-    "hunyuan_video": 1,
+    "hunyuan_video": 1, "pag_sd": 1, "pag_sdxl": 1, "kandinsky22_prior": 1, "kandinsky22_img2img": 1,
+    "kandinsky22_combined": 1,
 }
 
-STEPS: dict[str, int] = {}
+STEPS: dict[str, int] = {"kandinsky22_img2img": 5}
+
+# the call arguments that take the step count T (default: num_inference_steps alone)
+STEP_ARGS: dict[str, tuple[str, ...]] = {"kandinsky22_combined": ("num_inference_steps", "prior_num_inference_steps")}
 
 
 def build(family: str, folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """``(pipeline, call kwargs)`` of one family; progress bars off."""
     pipe, kwargs = NEW_FAMILIES[family](folder, seed)
     pipe.set_progress_bar_config(disable=True)
+    for sub in ("prior_pipe", "decoder_pipe"):  # a combined pipeline's stages have progress bars of their own
+        if hasattr(pipe, sub):
+            getattr(pipe, sub).set_progress_bar_config(disable=True)
+    pipe._tiny_family = family  # sample() looks up the family's step arguments
     return pipe, kwargs
 
 
@@ -352,7 +486,9 @@ def sample(pipe: Any, kwargs: dict[str, Any], steps: int, seed: int = 0) -> torc
     """The pipeline's main output (first field of its output) as one float tensor, from a seeded generator."""
     import numpy as np
 
-    out = pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+    family = getattr(pipe, "_tiny_family", None)
+    step_args = dict.fromkeys(STEP_ARGS.get(family, ("num_inference_steps",)), steps)
+    out = pipe(**kwargs, **step_args, generator=torch.Generator().manual_seed(seed))
     value = out[0]
     if isinstance(value, (list, tuple)):
         value = np.stack([np.asarray(v) for v in value])
