@@ -434,13 +434,152 @@ def kandinsky22_combined(folder: str | Path, seed: int = 0) -> tuple[Any, dict[s
                       output_type="latent")
 
 
+def shap_e(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Shap-E text-to-3D: CLIP text encoder with projection (2 layers, d 32), PriorTransformer (1 layer, 2 x 16
+    heads, 32 embeddings of 32), a tiny ShapERenderer (never run: output_type "latent"), Heun (exp betas, Karras).
+
+    Denoiser ``prior``. Heun evaluates the model twice per step except the last: 2 T - 1 prior calls for T steps
+    (5 at T = 3), each on a batch of 2 (guidance_scale 4). The latent is (1, 32, 32): 32 embeddings of 32.
+    """
+    from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEPipeline
+    from diffusers.pipelines.shap_e import ShapERenderer
+
+    _seeded(seed)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, embedding_dim=32, num_embeddings=32,
+                             embedding_proj_dim=TEXT, time_embed_dim=128, num_layers=1, clip_embed_dim=64,
+                             additional_embeddings=0, time_embed_act_fn="gelu", norm_in_type="layer",
+                             encoder_hid_proj_type=None, added_emb_type=None).eval()
+    renderer = ShapERenderer(param_shapes=((8, 93), (8, 8), (8, 8), (8, 8)), d_latent=32, d_hidden=8, n_output=12,
+                             background=(0.1, 0.1, 0.1)).eval()
+    scheduler = HeunDiscreteScheduler(beta_schedule="exp", num_train_timesteps=1024, prediction_type="sample",
+                                      use_karras_sigmas=True, clip_sample=True, clip_sample_range=1.0)
+    pipe = ShapEPipeline(prior=prior, text_encoder=clip_text(projection=True), tokenizer=tokenizer(folder),
+                         scheduler=scheduler, shap_e_renderer=renderer)
+    return pipe, dict(prompt=PROMPT, guidance_scale=4.0, frame_size=16, output_type="latent")
+
+
+def t2i_adapter(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """SD with a T2I-Adapter: the tiny SD, a full T2IAdapter (channels (16, 32), pixel-unshuffle 2 to match the
+    2x VAE) on a seeded random 16 px control image, DDIM.
+
+    The adapter runs once per call (before the loop); its features enter the UNet as
+    ``down_intrablock_additional_residuals`` at every step. guidance_scale 5: ONE UNet call per step, batch 2.
+    """
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    _seeded(seed)
+    adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=2,
+                         adapter_type="full_adapter").eval()
+    pipe = StableDiffusionAdapterPipeline(vae=vae(), text_encoder=clip_text(), tokenizer=tokenizer(folder),
+                                          unet=sd_unet(), adapter=adapter, scheduler=_ddim(), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    return pipe, dict(prompt=PROMPT, image=random_image(seed, SIZE), height=SIZE, width=SIZE, guidance_scale=5.0,
+                      output_type="latent")
+
+
+def marigold_depth(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Marigold depth: UNet2DConditionModel with 8 input channels (image latent + depth latent), the tiny VAE and
+    CLIP text encoder (empty prompt), DDIM.
+
+    16 px image, processing_resolution 16, ensemble of 1: ONE UNet call per step, batch 1, no guidance. The pipeline
+    refuses output_type "latent" ("pt" or "np" only): output_type "pt", the main output is ``prediction``
+    (1, 1, 16, 16) in [0, 1].
+    """
+    from diffusers import MarigoldDepthPipeline
+
+    _seeded(seed)
+    scheduler = _ddim()
+    scheduler.register_to_config(prediction_type="v_prediction", timestep_spacing="trailing")
+    pipe = MarigoldDepthPipeline(unet=sd_unet(in_channels=8), vae=vae(), scheduler=scheduler, text_encoder=clip_text(),
+                                 tokenizer=tokenizer(folder), prediction_type="depth", scale_invariant=True,
+                                 shift_invariant=True, default_denoising_steps=1, default_processing_resolution=SIZE)
+    return pipe, dict(image=random_image(seed, SIZE), processing_resolution=SIZE, ensemble_size=1, output_type="pt")
+
+
+def stable_audio(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Stable Audio Open: T5 encoder (2 layers, d 32), StableAudioProjectionModel, StableAudioDiTModel (2 layers,
+    2 heads of 4), AutoencoderOobleck (hop 2, 4 Hz: 2 s of stereo audio = 4 latent frames of 3 channels),
+    EDM DPM-Solver (order 3, v-prediction).
+
+    guidance_scale 6: ONE transformer call per step on a batch of 2. output_type "latent": (1, 3, 4).
+    """
+    from diffusers import AutoencoderOobleck, EDMDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+    from diffusers.pipelines.stable_audio import StableAudioProjectionModel
+
+    _seeded(seed)
+    transformer = StableAudioDiTModel(sample_size=4, in_channels=3, num_layers=2, attention_head_dim=4,
+                                      num_attention_heads=2, num_key_value_attention_heads=2, out_channels=3,
+                                      cross_attention_dim=4, time_proj_dim=8, global_states_input_dim=8,
+                                      cross_attention_input_dim=4).eval()
+    scheduler = EDMDPMSolverMultistepScheduler(solver_order=3, prediction_type="v_prediction", sigma_data=1.0,
+                                               sigma_schedule="exponential")
+    autoencoder = AutoencoderOobleck(encoder_hidden_size=6, downsampling_ratios=[1, 2], decoder_channels=3,
+                                     decoder_input_channels=3, audio_channels=2, channel_multiples=[2, 4],
+                                     sampling_rate=4).eval()
+    projection = StableAudioProjectionModel(text_encoder_dim=TEXT, conditioning_dim=4, min_value=0, max_value=32).eval()
+    pipe = StableAudioPipeline(vae=autoencoder, text_encoder=t5_text(), projection_model=projection,
+                               tokenizer=tokenizer(folder), transformer=transformer, scheduler=scheduler)
+    return pipe, dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=6.0, output_type="latent")
+
+
+def deepfloyd_if(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """DeepFloyd IF stage I: T5 encoder (2 layers, d 32), pixel-space UNet2DConditionModel ((32, 64), text
+    addition embedding, learned variance: 6 output channels), DDPM with dynamic thresholding.
+
+    16 px RGB directly (no VAE). guidance_scale 7: ONE UNet call per step, batch 2. output_type "pt" (the
+    pipeline has no latent output; safety checker and watermarker are None): (1, 3, 16, 16).
+    """
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+
+    _seeded(seed)
+    unet = UNet2DConditionModel(sample_size=SIZE, layers_per_block=1, block_out_channels=[32, 64],
+                                down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                                mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                                up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], in_channels=3,
+                                out_channels=6, cross_attention_dim=TEXT, encoder_hid_dim=TEXT, attention_head_dim=8,
+                                addition_embed_type="text", addition_embed_type_num_heads=2,
+                                cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
+                                act_fn="gelu").eval()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                              beta_end=0.02, thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0,
+                              prediction_type="epsilon", variance_type="learned_range")
+    pipe = IFPipeline(tokenizer=tokenizer(folder), text_encoder=t5_text(), unet=unet, scheduler=scheduler,
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=7.0, clean_caption=False, output_type="pt")
+
+
+def sd_inpaint_pndm(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """SD inpainting with PNDM (its historical default scheduler, PLMS only: skip_prk_steps): the tiny SD with a
+    9-channel UNet (latent + mask + masked-image latent), a seeded random 16 px image, a mask of its right half.
+
+    PNDM runs T + 1 timesteps for T steps (the first is repeated to start the linear multistep), so the UNet
+    is called T + 1 times (4 at T = 3), each on a batch of 2 (guidance_scale 5). strength 1 (the default).
+    """
+    import numpy as np
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    _seeded(seed)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                              skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionInpaintPipeline(vae=vae(), text_encoder=clip_text(), tokenizer=tokenizer(folder),
+                                          unet=sd_unet(in_channels=9), scheduler=scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, SIZE // 2:] = 255
+    return pipe, dict(prompt=PROMPT, image=random_image(seed, SIZE), mask_image=Image.fromarray(mask), height=SIZE,
+                      width=SIZE, guidance_scale=5.0, output_type="latent")
+
+
 # --- registry, sample ---------------------------------------------------------------------------
 
 NEW_FAMILIES: dict[str, Builder] = {
     "wan_t2v": wan_t2v, "wan_i2v": wan_i2v, "wan22": wan22, "chroma": chroma, "skyreels": skyreels,
     "qwen_true_cfg": qwen_true_cfg, "cogvideox": cogvideox, "ltx": ltx, "hunyuan_video": hunyuan_video,
     "pag_sd": pag_sd, "pag_sdxl": pag_sdxl, "kandinsky22_prior": kandinsky22_prior,
-    "kandinsky22_img2img": kandinsky22_img2img, "kandinsky22_combined": kandinsky22_combined,
+    "kandinsky22_img2img": kandinsky22_img2img, "kandinsky22_combined": kandinsky22_combined, "shap_e": shap_e,
+    "t2i_adapter": t2i_adapter, "marigold_depth": marigold_depth, "stable_audio": stable_audio,
+    "deepfloyd_if": deepfloyd_if, "sd_inpaint_pndm": sd_inpaint_pndm,
 }
 
 DENOISERS: dict[str, tuple[str, ...]] = {
@@ -448,13 +587,16 @@ DENOISERS: dict[str, tuple[str, ...]] = {
     "chroma": ("transformer",), "skyreels": ("transformer",), "qwen_true_cfg": ("transformer",),
     "cogvideox": ("transformer",), "ltx": ("transformer",), "hunyuan_video": ("transformer",),
     "pag_sd": ("unet",), "pag_sdxl": ("unet",), "kandinsky22_prior": ("prior",), "kandinsky22_img2img": ("unet",),
-    "kandinsky22_combined": ("prior_prior", "unet"),
+    "kandinsky22_combined": ("prior_prior", "unet"), "shap_e": ("prior",), "t2i_adapter": ("unet",),
+    "marigold_depth": ("unet",), "stable_audio": ("transformer",), "deepfloyd_if": ("unet",),
+    "sd_inpaint_pndm": ("unet",),
 }
 
 CALLS_PER_STEP: dict[str, int] = {
     "wan_t2v": 2, "wan_i2v": 2, "wan22": 2, "chroma": 2, "skyreels": 2, "qwen_true_cfg": 2, "cogvideox": 1, "ltx": 1,
     "hunyuan_video": 1, "pag_sd": 1, "pag_sdxl": 1, "kandinsky22_prior": 1, "kandinsky22_img2img": 1,
-    "kandinsky22_combined": 1,
+    "kandinsky22_combined": 1, "shap_e": 1, "t2i_adapter": 1, "marigold_depth": 1, "stable_audio": 1,
+    "deepfloyd_if": 1, "sd_inpaint_pndm": 1,
 }
 
 STEPS: dict[str, int] = {"kandinsky22_img2img": 5}
