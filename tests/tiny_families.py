@@ -10,8 +10,9 @@ Nothing is downloaded: text tokenizers are the byte-level CLIP tokenizer of ``ti
 ``sample(pipe, kwargs, steps, seed)`` runs one call and returns the pipeline's main output as one
 tensor; per-family call details (``output_type`` above all) are in the kwargs the builder returns.
 ``DENOISERS`` names the denoiser attribute(s) of each family, ``CALLS_PER_STEP`` how often the
-denoiser runs per scheduler step, ``STEPS`` the step count a family needs at least (where 3 is
-not enough).
+denoiser runs per scheduler step, ``expected_calls`` how often it runs in one call of T steps
+(Heun, PNDM and strength change the count), ``STEPS`` the step count a family needs at least
+(where 3 is not enough).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_pipelines import TEXT, TOKENS, _byte_chars, _ddim, _seeded, clip_text, random_image, sd_unet, t5_text, tokenizer, vae
+from tiny_pipelines import TEXT, TOKENS, _ddim, _seeded, clip_text, random_image, sd_unet, t5_text, tokenizer, vae
 
-__all__ = ["NEW_FAMILIES", "DENOISERS", "CALLS_PER_STEP", "STEPS", "build", "sample", "denoiser"]
+__all__ = ["NEW_FAMILIES", "DENOISERS", "CALLS_PER_STEP", "STEPS", "STEP_ARGS", "build", "sample", "expected_calls"]
 
 SIZE = 16  # image height and width of the image families
 PROMPT = "a red cube"
@@ -212,8 +213,8 @@ def qwen_true_cfg(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any
                          rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default", type="default"),
                          rope_theta=1000000.0),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=1000, bos_token_id=512, eos_token_id=513, vision_start_token_id=997, vision_end_token_id=998, vision_token_id=999,
-        image_token_id=996, video_token_id=995)
+        hidden_size=16, vocab_size=1000, bos_token_id=512, eos_token_id=513, vision_start_token_id=997,
+        vision_end_token_id=998, vision_token_id=999, image_token_id=996, video_token_id=995)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=autoencoder, text_encoder=text_encoder,
                              tokenizer=tokenizer(folder), transformer=transformer)
@@ -423,7 +424,8 @@ def kandinsky22_combined(folder: str | Path, seed: int = 0) -> tuple[Any, dict[s
 
     Two denoisers, one after the other: ``prior_prior`` (PriorTransformer, the prior sub-pipeline's ``prior``)
     for ``prior_num_inference_steps``, then ``unet`` for ``num_inference_steps``; ``sample`` sets both to T
-    (``STEP_ARGS``). Each calls its denoiser once per step on a batch of 2 (CFG). output_type "latent".
+    (``STEP_ARGS``; the kwargs say 3 prior steps, not the pipeline's 25, for calls that do not set it). Each
+    calls its denoiser once per step on a batch of 2 (CFG). output_type "latent".
     """
     from diffusers import KandinskyV22CombinedPipeline
 
@@ -431,7 +433,7 @@ def kandinsky22_combined(folder: str | Path, seed: int = 0) -> tuple[Any, dict[s
     prior = _kandinsky_prior_parts(folder)
     pipe = KandinskyV22CombinedPipeline(**_kandinsky_decoder_parts(), **{f"prior_{k}": v for k, v in prior.items()})
     return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=4.0, prior_guidance_scale=4.0,
-                      output_type="latent")
+                      prior_num_inference_steps=3, output_type="latent")
 
 
 def shap_e(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -571,6 +573,55 @@ def sd_inpaint_pndm(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, A
                       width=SIZE, guidance_scale=5.0, output_type="latent")
 
 
+def hunyuanimage21(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """HunyuanImage 2.1: a tiny Qwen2.5-VL (text 2 layers d 32, vocab 1000) and a ByT5-style T5 (2 layers, d 32)
+    for glyph text, HunyuanImageTransformer2DModel (1 double + 1 single block, 4 x 8 heads),
+    AutoencoderKLHunyuanImage (32 channels a level, 8x: 16 px -> 2 x 2 latents), flow matching, two
+    AdaptiveProjectedMixGuidance guiders (plain and OCR).
+
+    Quirks: the transformer's ByT5 projection has a hard-coded hidden size of 2048 (4.3 M of its 4.5 M
+    parameters); the prompt lengths (plain pipeline attributes, 1000 and 128 tokens) are cut to 16. Guidance goes
+    through the guider objects: the transformer is called twice per step (cond, uncond, separate batch-1 calls).
+    """
+    from diffusers import (
+        AdaptiveProjectedMixGuidance,
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+
+    _seeded(seed)
+    transformer = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=4,
+                                                 attention_head_dim=8, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=(1, 1), guidance_embeds=False,
+                                                 text_embed_dim=32, text_embed_2_dim=32, rope_axes_dim=(4, 4)).eval()
+    autoencoder = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4,
+                                            block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                                            scaling_factor=0.476986, spatial_compression_ratio=8, sample_size=128).eval()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=1000, bos_token_id=512, eos_token_id=513,
+                         rope_scaling=dict(mrope_section=[2, 2, 4], rope_type="default", type="default"),
+                         rope_theta=1000000.0),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32),
+        hidden_size=32, vocab_size=1000, bos_token_id=512, eos_token_id=513, vision_start_token_id=997,
+        vision_end_token_id=998, vision_token_id=999, image_token_id=996, video_token_id=995)
+    byt5 = T5EncoderModel(T5Config(d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                                   vocab_size=384, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+                                   is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)).eval()
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), vae=autoencoder,
+                                text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+                                tokenizer=tokenizer(folder), text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(),
+                                transformer=transformer,
+                                guider=AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=2),
+                                ocr_guider=AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=3))
+    pipe.tokenizer_max_length = pipe.tokenizer_2_max_length = TOKENS  # plain attributes; 1000 and 128 tokens otherwise
+    return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, output_type="latent")
+
+
 # --- registry, sample ---------------------------------------------------------------------------
 
 NEW_FAMILIES: dict[str, Builder] = {
@@ -579,7 +630,7 @@ NEW_FAMILIES: dict[str, Builder] = {
     "pag_sd": pag_sd, "pag_sdxl": pag_sdxl, "kandinsky22_prior": kandinsky22_prior,
     "kandinsky22_img2img": kandinsky22_img2img, "kandinsky22_combined": kandinsky22_combined, "shap_e": shap_e,
     "t2i_adapter": t2i_adapter, "marigold_depth": marigold_depth, "stable_audio": stable_audio,
-    "deepfloyd_if": deepfloyd_if, "sd_inpaint_pndm": sd_inpaint_pndm,
+    "deepfloyd_if": deepfloyd_if, "sd_inpaint_pndm": sd_inpaint_pndm, "hunyuanimage21": hunyuanimage21,
 }
 
 DENOISERS: dict[str, tuple[str, ...]] = {
@@ -589,20 +640,30 @@ DENOISERS: dict[str, tuple[str, ...]] = {
     "pag_sd": ("unet",), "pag_sdxl": ("unet",), "kandinsky22_prior": ("prior",), "kandinsky22_img2img": ("unet",),
     "kandinsky22_combined": ("prior_prior", "unet"), "shap_e": ("prior",), "t2i_adapter": ("unet",),
     "marigold_depth": ("unet",), "stable_audio": ("transformer",), "deepfloyd_if": ("unet",),
-    "sd_inpaint_pndm": ("unet",),
+    "sd_inpaint_pndm": ("unet",), "hunyuanimage21": ("transformer",),
 }
 
 CALLS_PER_STEP: dict[str, int] = {
     "wan_t2v": 2, "wan_i2v": 2, "wan22": 2, "chroma": 2, "skyreels": 2, "qwen_true_cfg": 2, "cogvideox": 1, "ltx": 1,
     "hunyuan_video": 1, "pag_sd": 1, "pag_sdxl": 1, "kandinsky22_prior": 1, "kandinsky22_img2img": 1,
     "kandinsky22_combined": 1, "shap_e": 1, "t2i_adapter": 1, "marigold_depth": 1, "stable_audio": 1,
-    "deepfloyd_if": 1, "sd_inpaint_pndm": 1,
+    "deepfloyd_if": 1, "sd_inpaint_pndm": 1, "hunyuanimage21": 2,
 }
 
-STEPS: dict[str, int] = {"kandinsky22_img2img": 5}
+STEPS: dict[str, int] = {"kandinsky22_img2img": 5}  # strength 0.6: 5 steps asked, int(0.6 * 5) = 3 run
 
-# the call arguments that take the step count T (default: num_inference_steps alone)
-STEP_ARGS: dict[str, tuple[str, ...]] = {"kandinsky22_combined": ("num_inference_steps", "prior_num_inference_steps")}
+# the call arguments that take the step count T, wherever the pipeline has them (the combined Kandinsky's prior)
+STEP_ARGS = ("num_inference_steps", "prior_num_inference_steps")
+
+
+def expected_calls(family: str, steps: int) -> int:
+    """How many denoiser calls (all denoisers together) one pipeline call at ``steps`` steps makes."""
+    runs = {"kandinsky22_img2img": int(steps * 0.6),  # strength 0.6
+            "shap_e": 2 * steps - 1,  # Heun: two evaluations a step but the last
+            "sd_inpaint_pndm": steps + 1,  # PNDM (PLMS): the first timestep twice
+            "kandinsky22_combined": 2 * steps,  # T prior steps, then T decoder steps
+            }.get(family, steps)
+    return CALLS_PER_STEP[family] * runs
 
 
 def build(family: str, folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -612,26 +673,23 @@ def build(family: str, folder: str | Path, seed: int = 0) -> tuple[Any, dict[str
     for sub in ("prior_pipe", "decoder_pipe"):  # a combined pipeline's stages have progress bars of their own
         if hasattr(pipe, sub):
             getattr(pipe, sub).set_progress_bar_config(disable=True)
-    pipe._tiny_family = family  # sample() looks up the family's step arguments
     return pipe, kwargs
 
 
-def denoiser(pipe: Any, name: str) -> torch.nn.Module:
-    """The module ``pipe.<name>`` (a dotted name reaches into a sub-pipeline)."""
-    value = pipe
-    for part in name.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def sample(pipe: Any, kwargs: dict[str, Any], steps: int, seed: int = 0) -> torch.Tensor:
-    """The pipeline's main output (first field of its output) as one float tensor, from a seeded generator."""
+    """One call at ``steps`` steps from a seeded generator; its main output (the output's first field) as a tensor.
+
+    Every argument of ``STEP_ARGS`` the pipeline takes is set to ``steps`` (overriding ``kwargs``). The output
+    type is the builder's (``kwargs["output_type"]``): latents where the pipeline has them, else "pt" (a NumPy
+    array or a list of arrays is turned into one tensor).
+    """
+    import inspect
+
     import numpy as np
 
-    family = getattr(pipe, "_tiny_family", None)
-    step_args = dict.fromkeys(STEP_ARGS.get(family, ("num_inference_steps",)), steps)
-    out = pipe(**kwargs, **step_args, generator=torch.Generator().manual_seed(seed))
-    value = out[0]
+    takes = inspect.signature(pipe.__call__).parameters
+    call = {**kwargs, **{name: steps for name in STEP_ARGS if name in takes}}
+    value = pipe(**call, generator=torch.Generator().manual_seed(seed))[0]
     if isinstance(value, (list, tuple)):
         value = np.stack([np.asarray(v) for v in value])
     return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
