@@ -94,8 +94,9 @@ def wan_prompt_embeds(pipe: Any, *texts: str) -> list[torch.Tensor]:
 def wan_t2v(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Wan 2.1 text-to-video: UMT5 (1 layer, d 32), WanTransformer3DModel (1 layer, 2 x 12 heads), AutoencoderKLWan.
 
-    16 x 16 px, 5 frames -> latent 16 x 2 x 2 x 2 (2 tokens per frame pair). guidance_scale 5 and a negative
-    prompt: the transformer is called twice per step (cond, then uncond, two separate batch-1 calls).
+    16 x 16 px, 5 frames -> latent (1, 16, 2, 2, 2): 2 latent frames of one 2 x 2 patch each, 2 tokens.
+    guidance_scale 5 and a negative prompt: the transformer is called twice per step (cond, then uncond, two
+    separate batch-1 calls).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -131,8 +132,8 @@ def wan22(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """Wan 2.2 text-to-video with two experts: ``transformer`` (high noise) and ``transformer_2`` (low noise).
 
     boundary_ratio 0.875 with a flow shift of 3: steps with t >= 875 run ``transformer``, the rest
-    ``transformer_2``: at 3 steps (t = 1000, 750, 3) one step on the first and two on the second, at 6 steps
-    two and four. Each step calls its expert twice (cond, uncond; guidance_scale_2 = guidance_scale).
+    ``transformer_2``: at 3 steps (t = 1000, 750, 3) one step on the first and two on the second; 4 steps:
+    1 + 3, 5 steps: 2 + 3, 6 steps: 2 + 4. Each step calls its expert twice (cond, uncond; guidance_scale_2 = guidance_scale).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
