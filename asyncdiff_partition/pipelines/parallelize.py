@@ -205,6 +205,7 @@ class _Compiled:
     timestep: str
     latent: str
     inputs: list[str]
+    used: frozenset[int] = frozenset()  # ids of the model's tensors some segment reads
 
 
 class _Parallel:
@@ -273,8 +274,11 @@ class _Parallel:
             from asyncdiff_partition.runtime.denoiser import segment_for_rank
 
             world = self.devices + self.stride - 1
-            segment = segment_for_rank(ready_segments(captured, chosen, world_size=world, stride=self.stride))
-            return _Compiled(call_binding(captured), chosen, [segment], timestep, captured.latent.name, inputs)
+            segments = ready_segments(captured, chosen, world_size=world, stride=self.stride)
+            segment = segment_for_rank(segments)
+            modules = [s.module for s in segments if isinstance(s.module, torch.nn.Module)]
+            used = frozenset(id(t) for m in modules for t in (*m.parameters(), *m.buffers()))
+            return _Compiled(call_binding(captured), chosen, [segment], timestep, captured.latent.name, inputs, used)
 
     def _capture(self, record: DenoiserRecord, call: Call) -> CapturedModel:
         """Capture the recorded call; reference runs reuse a capture of the same structure from an
@@ -343,8 +347,9 @@ class _Parallel:
         from asyncdiff_partition.runtime.pipeline_backend import release_weights
 
         for name, denoiser in self.denoisers.items():
-            kept = torch.nn.ModuleList([c.segments[0].module for (n, _), c in self.compiled.items() if n == name])
-            release_weights(denoiser.module, kept)
+            mine = [c for (n, _), c in self.compiled.items() if n == name]
+            kept = torch.nn.ModuleList([c.segments[0].module for c in mine])
+            release_weights(denoiser.module, kept, used=frozenset().union(*(c.used for c in mine)))
         self.released = True
 
 

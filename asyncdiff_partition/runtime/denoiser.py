@@ -56,7 +56,7 @@ from asyncdiff_partition.fx.compile import compile_segment
 from asyncdiff_partition.fx.device_move import move_module
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.extrapolation import StaleHistory
-from asyncdiff_partition.runtime.layout import ReadySegment, tensor_leaves
+from asyncdiff_partition.runtime.layout import ReadySegment, TensorSlot, tensor_leaves
 from asyncdiff_partition.runtime.reference import SamplingRun, check_inputs, step_inputs
 
 __all__ = ["STREAM_TAGS", "AsyncDenoiser", "check_agreement", "segment_for_rank"]
@@ -353,8 +353,9 @@ class AsyncDenoiser:
         if slot == self.rank:
             eps = self._kept.pop(made).contiguous()
             stats["bytes_sent"] += eps.numel() * eps.element_size() * (self.world_size - 1)
-        else:
-            (eps,) = self._layouts[OUTPUT].empty(self.device)
+        else:  # ε travels row-major whatever its layout
+            (slot_of,) = [leaf for leaf in self._layouts[OUTPUT].leaves if isinstance(leaf, TensorSlot)]
+            eps = torch.empty(slot_of.shape, dtype=slot_of.dtype, device=self.device)
         self._comm.broadcast(eps, slot, what=f"ε of step {step.index}")
         stats["comm_ms"] += self._span("broadcast", stats, begin)
         return eps

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from asyncdiff_partition.core.placement import Placement
 
-__all__ = ["ReadySegment", "RunnableSegment", "TensorSlot", "ValueLayout", "tensor_leaves"]
+__all__ = ["ReadySegment", "RunnableSegment", "TensorSlot", "ValueLayout", "is_dense", "tensor_leaves", "wire"]
 
 
 class RunnableSegment(Protocol):
@@ -50,10 +50,38 @@ class RunnableSegment(Protocol):
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """A tensor leaf of a transferred value."""
+    """A tensor leaf of a transferred value; ``stride`` for a dense tensor laid out otherwise than
+    row-major (channels-last convolution outputs): Note [memory order]."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stride: tuple[int, ...] | None = None
+
+
+# Note [memory order]
+# ~~~~~~~~~~~~~~~~~~~
+# Kernels may round differently on a channels-last input and on its row-major copy, so a value
+# that crosses a cut must reach its consumer laid out as the producer made it, or the split model
+# is no longer the model. A dense tensor (no gaps, no overlaps, any order of dimensions) travels
+# as its memory, flat, and the receiver views its buffer with the producer's strides; any other
+# view travels as a row-major copy (and the single-process reference reads that copy too,
+# reference.as_sent).
+
+
+def is_dense(t: Tensor) -> bool:
+    """No gaps and no overlaps in memory, dimensions in any order (a permuted contiguous tensor)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _strided(t: Tensor) -> tuple[int, ...] | None:
+    return tuple(t.stride()) if not t.is_contiguous() and is_dense(t) else None
 
 
 @dataclass(frozen=True)
@@ -67,23 +95,48 @@ class ValueLayout:
     def of(cls, value: Any) -> ValueLayout:
         """The layout of a value (real, fake or meta tensors, or a nest of them)."""
         leaves, spec = pytree.tree_flatten(value)
-        return cls(spec, tuple(TensorSlot(tuple(x.shape), x.dtype) if isinstance(x, Tensor) else x for x in leaves))
+        return cls(spec, tuple(TensorSlot(tuple(x.shape), x.dtype, _strided(x)) if isinstance(x, Tensor) else x
+                               for x in leaves))
 
     def empty(self, device: torch.device | str) -> list[Tensor]:
-        """Uninitialised buffers for the tensor leaves, in order."""
-        return [torch.empty(leaf.shape, dtype=leaf.dtype, device=device) for leaf in self.leaves
-                if isinstance(leaf, TensorSlot)]
+        """Uninitialised buffers for the tensor leaves, in order, as they travel (Note [memory order])."""
+        return [torch.empty(_numel(leaf.shape) if leaf.stride is not None else leaf.shape, dtype=leaf.dtype,
+                            device=device)
+                for leaf in self.leaves if isinstance(leaf, TensorSlot)]
 
     def build(self, tensors: list[Tensor]) -> Any:
         """The value from its tensor leaves (as :meth:`empty` lists them)."""
         it = iter(tensors)
-        return pytree.tree_unflatten([next(it) if isinstance(leaf, TensorSlot) else leaf for leaf in self.leaves],
-                                     self.spec)
+
+        def leaf_of(leaf: Any) -> Any:
+            if not isinstance(leaf, TensorSlot):
+                return leaf
+            t = next(it)
+            return t.as_strided(leaf.shape, leaf.stride) if leaf.stride is not None else t
+
+        return pytree.tree_unflatten([leaf_of(leaf) for leaf in self.leaves], self.spec)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def wire(t: Tensor) -> Tensor:
+    """A tensor as it travels (Note [memory order]): row-major as it is, a dense one as its flat memory,
+    anything else as a row-major copy."""
+    if t.is_contiguous():
+        return t
+    if is_dense(t):
+        return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    return t.contiguous()
 
 
 def tensor_leaves(value: Any) -> list[Tensor]:
-    """The contiguous tensor leaves of a value: what travels for it."""
-    return [x.contiguous() for x in pytree.tree_leaves(value) if isinstance(x, Tensor)]
+    """The tensor leaves of a value, as they travel (:func:`wire`)."""
+    return [wire(x) for x in pytree.tree_leaves(value) if isinstance(x, Tensor)]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -144,8 +144,12 @@ def _prepare(
     return built, captured, images
 
 
-def release_weights(model: torch.nn.Module, keep: torch.nn.Module) -> int:
+def release_weights(model: torch.nn.Module, keep: torch.nn.Module, used: Set[int] | None = None) -> int:
     """Swap every parameter and buffer of ``model`` that ``keep`` does not hold for a stand-in.
+
+    With ``used`` (ids of the tensors the captured graphs read), only those are swapped: a
+    pipeline may read others outside the model's ``forward`` (a prior's ``clip_mean`` and
+    ``clip_std`` in ``post_process_latents``), and they stay.
 
     A rank's pipeline keeps the original denoiser for its attributes (``config``, ``dtype``,
     ``device``, ...), not its weights: after this, only the weights of this rank's segments
@@ -158,7 +162,7 @@ def release_weights(model: torch.nn.Module, keep: torch.nn.Module) -> int:
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, t in store.items():
-                if t is None or t.device.type == "meta" or is_stand_in(t):
+                if t is None or t.device.type == "meta" or is_stand_in(t) or (used is not None and id(t) not in used):
                     continue
                 if id(t) in own:
                     kept += t.numel() * t.element_size()

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any, Protocol, cast
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from asyncdiff_partition.core.graph import OUTPUT
@@ -34,7 +35,7 @@ from asyncdiff_partition.core.schedule import (
 from asyncdiff_partition.fx.compile import compile_segment, module_device
 from asyncdiff_partition.runtime.batch import split_batch
 from asyncdiff_partition.runtime.extrapolation import StaleHistory
-from asyncdiff_partition.runtime.layout import RunnableSegment
+from asyncdiff_partition.runtime.layout import RunnableSegment, is_dense
 from asyncdiff_partition.runtime.policy import PhasePolicy
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "UnsplitDenoiser", "check_inputs", "step_inputs"]
@@ -189,10 +190,16 @@ class ReferenceSchedule:
             if OUTPUT in values and (work.slot, step.index) in run.eps_sources:
                 kept[(work.slot, step.index)] = values[OUTPUT]
             if work.slot < n:
-                made.update((k, v) for k, v in values.items() if k != OUTPUT)
+                made.update((k, as_sent(v)) for k, v in values.items() if k != OUTPUT)
         for name, value in made.items():
             history.put(name, value, step.index)
         return kept.pop(step.eps)
+
+
+def as_sent(value: Any) -> Any:
+    """A value as another rank receives it (Note [memory order] in runtime/layout.py): dense tensors as
+    they are, other views as row-major copies; the oracle reads what the ranks read."""
+    return pytree.tree_map(lambda x: x if not isinstance(x, Tensor) or is_dense(x) else x.contiguous(), value)
 
 
 def check_inputs(segment: RunnableSegment, inputs: Mapping[str, Tensor], step: int) -> None:
