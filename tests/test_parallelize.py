@@ -9,7 +9,8 @@ from tiny_pipelines import build, sample
 from asyncdiff_partition import parallelize
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import PlanError
-from asyncdiff_partition.pipelines.parallelize import ParallelizeError
+from asyncdiff_partition.pipelines.parallelize import ParallelizeError, unparallelize
+from asyncdiff_partition.pipelines.wrap import scheduled
 from asyncdiff_partition.pipelines.recording import RecordingError, record_denoiser_calls
 
 
@@ -71,3 +72,61 @@ def test_a_saved_plan_is_reused_and_a_plan_of_other_shapes_refused(folder, tmp_p
     assert torch.equal(sample(pipe, kwargs, 3), expected)
     with pytest.raises(PlanError, match="plan was made for model fingerprint"):
         parallelize(pipe, devices=2, reference=True, plan=plan, **{**kwargs, "height": 64, "width": 64})
+
+
+def test_a_pipeline_without_a_scheduler_is_one_clear_error():
+    from diffusers import DiffusionPipeline
+
+    class Upsampler(DiffusionPipeline):  # like LTX's latent upsampler: a model, no scheduler
+        def __init__(self, net):
+            super().__init__()
+            self.register_modules(net=net)
+
+        def __call__(self, x):
+            return self.net(x)
+
+    pipe = Upsampler(torch.nn.Linear(4, 4))
+    with pytest.raises(RecordingError, match="Upsampler has no scheduler") as error:
+        parallelize(pipe, devices=2, reference=True, x=torch.zeros(1, 4))
+    assert "\n" not in str(error.value) and type(pipe).__name__ == "Upsampler" and "forward" not in vars(pipe.net)
+
+
+def test_calls_prepare_themselves_once_per_structure(folder, tmp_path):
+    """No call arguments at parallelize time: the first call of each size records and captures, a repeat
+    (another prompt, seed, guidance scale) does not, and every output equals the pipeline's own."""
+    pipe, kwargs = build("sd", folder)
+    expected = {size: sample(pipe, {**kwargs, "height": size, "width": size}, 3, seed=1) for size in (16, 24)}
+    other = sample(pipe, {**kwargs, "prompt": "a blue ball", "guidance_scale": 3.0}, 3, seed=2)
+    parallelize(pipe, devices=2, warmup=3, reference=True, cache_dir=tmp_path)
+    state = vars(pipe)["_asyncdiff_parallel"]
+    for size in (16, 24, 16, 24):
+        assert torch.equal(sample(pipe, {**kwargs, "height": size, "width": size}, 3, seed=1), expected[size])
+    assert len(state.recordings) == 2 and len(state.compiled) == 2  # one per size
+    assert torch.equal(sample(pipe, {**kwargs, "prompt": "a blue ball", "guidance_scale": 3.0}, 3, seed=2), other)
+    assert len(state.recordings) == 2
+
+
+def test_a_new_attention_set_up_is_captured_again_never_run_stale(folder, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe, kwargs = build("sd", folder)
+    parallelize(pipe, devices=2, warmup=3, reference=True, cache_dir=tmp_path)
+    sample(pipe, kwargs, 3)
+    state = vars(pipe)["_asyncdiff_parallel"]
+    pipe.unet.set_attn_processor(AttnProcessor())  # through the model itself: it is the pipeline's own
+    with_new = sample(pipe, kwargs, 3)
+    assert len(state.compiled) == 2  # the new processors made a new capture
+    unparallelize(pipe)
+    assert torch.equal(with_new, sample(pipe, kwargs, 3))
+
+
+def test_a_prior_returns_its_own_output_type(folder, tmp_path):
+    from tiny_families import build as build_new
+
+    pipe, kwargs = build_new("kandinsky22_prior", folder)
+    parallelize(pipe, devices=2, warmup=3, reference=True, cache_dir=tmp_path)
+    out = pipe(**{**kwargs, "num_inference_steps": 2})  # the pipeline reads .predicted_image_embedding
+    assert out.image_embeds.shape == (1, 32)
+    form = scheduled(pipe.prior).output
+    assert form.kind == "class" and form.cls.__name__ == "PriorTransformerOutput"
+    assert form.field == "predicted_image_embedding"
