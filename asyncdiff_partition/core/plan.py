@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
     "ideal_speedup",
     "make_plan",
     "module_boundaries",
+    "with_calls_per_step",
 ]
 
 SCHEMA_VERSION = 1
@@ -368,6 +369,25 @@ def make_plan(
         staleness=None if cut_staleness is None else [cut_staleness[b] for b in partition.boundaries[1:-1]],
         extrapolation=float(extrapolation),
     )
+
+
+def with_calls_per_step(plan: Plan, calls: int) -> Plan:
+    """``plan`` for a pipeline that calls the model ``calls`` times per step (separate guidance passes):
+    every call runs the schedule once, so the step times scale and the speedups do not.
+
+    Example:
+        >>> with_calls_per_step(plan, 2).predicted["calls_per_step"]  # doctest: +SKIP
+        2
+    """
+    if calls < 1:
+        raise PlanError(f"a pipeline calls its model at least once per step, got {calls}")
+    base = plan.predicted.get("calls_per_step", 1)
+    scale = calls / base
+    predicted = dict(plan.predicted, calls_per_step=calls)
+    for key in ("sequential_step_ms", "async_step_ms", "full_sequential_step_ms"):
+        if key in predicted:
+            predicted[key] = predicted[key] * scale
+    return replace(plan, predicted=predicted)
 
 
 def module_boundaries(graph: OpGraph, module_paths: Sequence[str]) -> list[int]:

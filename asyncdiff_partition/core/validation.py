@@ -122,7 +122,7 @@ def _show(value: Any) -> str:
 
 _PREDICTED = ("sequential_step_ms", "async_step_ms", "imbalance", "speedup", "ideal_speedup")
 # only some plans have these: fidelity-aware splits (staleness), hybrid plans (core.hybrid_plan)
-_PREDICTED_OPTIONAL = ("staleness", "gather_ms", "full_sequential_step_ms")
+_PREDICTED_OPTIONAL = ("staleness", "gather_ms", "full_sequential_step_ms", "calls_per_step")
 _RECEIVE = ("value", "from_segment", "bytes")
 
 
@@ -186,6 +186,8 @@ def validate_plan(data: Mapping[str, Any], path: Any, *, fields: Collection[str]
         f.number(predicted[key], f"predicted.{key}", finite=False)
     if "staleness" in predicted:
         f.number(predicted["staleness"], "predicted.staleness", low=0)
+    if "calls_per_step" in predicted:
+        f.number(predicted["calls_per_step"], "predicted.calls_per_step", low=1)
     _validate_objective(f, data, n)
 
 

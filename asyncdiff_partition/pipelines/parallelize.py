@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from asyncdiff_partition.core.errors import AsyncDiffError
-from asyncdiff_partition.core.plan import Plan, PlanError, SegmentPlan, make_plan
+from asyncdiff_partition.core.plan import Plan, PlanError, SegmentPlan, make_plan, with_calls_per_step
 from asyncdiff_partition.fx.capture import CapturedModel, capture_model
 from asyncdiff_partition.pipelines.recording import Call, DenoiserRecord, Recording, record_denoiser_calls
 from asyncdiff_partition.pipelines.structure import CallKey, configured
@@ -52,8 +52,8 @@ from asyncdiff_partition.pipelines.wrap import (
     uninstall,
 )
 
-__all__ = ["CACHE_ENV", "ParallelizeError", "choose_plan", "default_cache_dir", "parallelize", "unparallelize",
-           "warm"]
+__all__ = ["CACHE_ENV", "ParallelizeError", "choose_plan", "default_cache_dir", "describe", "parallelize",
+           "unparallelize", "warm"]
 
 CACHE_ENV = "ASYNCDIFF_CACHE"
 MAX_PREPARES = 4  # new call structures one pipeline call may meet before it gives up
@@ -164,6 +164,20 @@ def warm(pipe: Any, *args: Any, **call_kwargs: Any) -> Any:
     return pipe
 
 
+def describe(pipe: Any) -> list[str]:
+    """What a parallelized pipeline runs, one line per denoiser and one for the weights each rank holds.
+
+    Example:
+        >>> print("\n".join(describe(pipe)))  # doctest: +SKIP
+        transformer (WanTransformer3DModel): 2 calls per step, 1 call structure, boundaries [0, 412, 838], ...
+        weights per rank: rank 0 1.2 MB (transformer 0.6 MB, transformer_2 0.6 MB), rank 1 ...
+    """
+    state = pipe.__dict__.get(_STATE)
+    if state is None:
+        raise ParallelizeError(f"describe() needs a parallelized pipeline; call parallelize({type(pipe).__name__}, ...)")
+    return state.summary()
+
+
 def unparallelize(pipe: Any) -> Any:
     """Undo :func:`parallelize`: the pipeline's own call and every denoiser's own ``forward`` back."""
     state = pipe.__dict__.pop(_STATE, None)
@@ -224,6 +238,7 @@ class _Parallel:
         self.released = False
         self.streams_made = 0
         self.recordings: list[Recording] = []
+        self.records: dict[str, DenoiserRecord] = {}  # the latest recording of each denoiser
 
     # --- preparing ---------------------------------------------------------------------------
 
@@ -238,6 +253,7 @@ class _Parallel:
                                           run=lambda *a, **k: self.cls.__call__(self.pipe, *a, **k))
         self.recordings.append(recording)
         for record in recording.denoisers:
+            self.records[record.name] = record
             self._wrap(record)
             for call in record.calls:
                 if (record.name, call.key) not in self.compiled:
@@ -263,7 +279,7 @@ class _Parallel:
         with _own_forward(record.module), configured(record.module, call.configuration):
             captured = self._capture(record, call)
             timestep = _timestep_input(captured, record, self.stride)
-            chosen = _agree(lambda: self._choose(record, captured), self.launched)
+            chosen = with_calls_per_step(_agree(lambda: self._choose(record, captured), self.launched), record.per_step)
             if record.name not in self.first_plan:
                 record.module.__dict__["plan"] = chosen  # pipe.unet.plan, as before
                 self.first_plan[record.name] = (chosen, [n.name for n in captured.graph_module.graph.nodes])
@@ -301,6 +317,24 @@ class _Parallel:
                                                              [s.to_dict() for s in captured.inputs]))
         return choose_plan(captured, record.module, self.devices, stride=self.stride, warmup=self.warmup,
                            plan=self.plan_path, cache_dir=self.cache_dir, steps=self.steps)
+
+    def summary(self) -> list[str]:
+        lines, held = [], [0] * self.devices
+        parts: list[list[str]] = [[] for _ in range(self.devices)]
+        for name, (plan, _) in self.first_plan.items():
+            record = self.records[name]
+            structures = sum(n == name for n, _ in self.compiled)
+            predicted = plan.predicted
+            lines.append(f"{name} ({type(record.module).__name__}): {record.per_step} call(s) per step, {structures} call "
+                         f"structure(s), boundaries {plan.boundaries}, predicted {predicted['speedup']:.2f}x "
+                         f"(ideal {predicted['ideal_speedup']:.2f}x), step {predicted['async_step_ms']:.1f} ms vs "
+                         f"{predicted['sequential_step_ms']:.1f} ms")
+            for segment in plan.segments:
+                held[segment.index] += segment.param_bytes
+                parts[segment.index].append(f"{name} {segment.param_bytes / 1e6:.1f} MB")
+        lines.append("weights per rank: " + ", ".join(f"rank {r} {b / 1e6:.1f} MB ({', '.join(parts[r])})"
+                                                      for r, b in enumerate(held)))
+        return lines
 
     # --- running -----------------------------------------------------------------------------
 
