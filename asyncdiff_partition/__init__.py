@@ -60,7 +60,7 @@ _EXPORTS = {
     # run
     "AsyncDenoiser": "asyncdiff_partition.runtime.denoiser",
     "launch": "asyncdiff_partition.runtime.launch",
-    "run_plan": "asyncdiff_partition.runtime.job",
+    "run_plan": "asyncdiff_partition.app.job",
     # pipelines and models
     "denoise": "asyncdiff_partition.pipelines.wrap",
     "parallelize": "asyncdiff_partition.pipelines.parallelize",
@@ -97,6 +97,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from asyncdiff_partition.app.job import run_plan
     from asyncdiff_partition.core.errors import AsyncDiffError
     from asyncdiff_partition.core.graph import OpGraph
     from asyncdiff_partition.core.partition import balance_segments
@@ -112,7 +113,6 @@ if TYPE_CHECKING:
     from asyncdiff_partition.pipelines.wrap import denoise, wrap_pipeline
     from asyncdiff_partition.pipelines.zoo import load_model
     from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
-    from asyncdiff_partition.runtime.job import run_plan
     from asyncdiff_partition.runtime.launch import launch
     from asyncdiff_partition.runtime.reference import ReferenceSchedule
 

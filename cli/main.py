@@ -112,7 +112,7 @@ def models() -> None:
 @user_errors
 def inspect(model_spec: str | None, batch: int, size: int | None, as_json: bool) -> None:
     """Capture a model and summarise its op graph: nodes, parameters, fresh nodes, cut points."""
-    from asyncdiff_partition.api import inspect_model  # Note [light commands]
+    from asyncdiff_partition.app.api import inspect_model  # Note [light commands]
 
     summary = inspect_model(model_spec, batch=batch, sample_size=size)
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
@@ -145,14 +145,14 @@ def profile(model_spec, batch, size, device, profile_threads, warmup, repeats, l
     --size then only fill its symbolic dimensions."""
     import torch  # Note [light commands], as every import below
 
-    from asyncdiff_partition.api import profile_spec
+    from asyncdiff_partition.app.api import profile_spec
     from asyncdiff_partition.onnx.model import is_onnx_path
     from asyncdiff_partition.onnx.profiler import profile_onnx
 
     torch.set_num_threads(profile_threads)
     command = "asyncdiff-partition " + shlex.join(sys.argv[1:]) if sys.argv else ""
     if prompt is not None or image is not None:  # a pipeline folder: its own call, recorded
-        from asyncdiff_partition.runtime.pipeline_job import PipelineRun, profile_pipeline
+        from asyncdiff_partition.app.pipeline_job import PipelineRun, profile_pipeline
 
         result = profile_pipeline(PipelineRun(model=model_spec or "", prompt=prompt, image=image, size=size,
                                               guidance=guidance), device=device, warmup=warmup, repeats=repeats,
@@ -263,7 +263,7 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
         from asyncdiff_partition.onnx.segments import measure_onnx_plan
 
         return measure_onnx_plan
-    from asyncdiff_partition.api import measure_plan
+    from asyncdiff_partition.app.api import measure_plan
 
     return measure_plan
 
@@ -321,7 +321,7 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
                       out_dir, reference, timeout_s)
         return
     if plan_path is None:
-        from asyncdiff_partition.runtime.pipeline_job import PipelineJobError
+        from asyncdiff_partition.app.pipeline_job import PipelineJobError
 
         raise PipelineJobError("run needs --plan FILE (from 'asyncdiff-partition plan'), or --model PIPELINE_DIR "
                                "--prompt TEXT to run a saved pipeline")
@@ -330,8 +330,8 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
         os.environ[DEBUG_ENV] = "1"  # the ranks and the launcher keep torch's logs and warnings
     try:
         with handle_interrupts():
-            from asyncdiff_partition.runtime.job import RunConfig, run_plan  # Note [light commands]
-            from asyncdiff_partition.runtime.report import format_run
+            from asyncdiff_partition.app.job import RunConfig, run_plan  # Note [light commands]
+            from asyncdiff_partition.app.report import format_run
 
             config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
                                stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
@@ -356,7 +356,7 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
 
 def _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
                   out_dir, reference, timeout_s) -> None:
-    from asyncdiff_partition.runtime.pipeline_job import PipelineJobError, PipelineRun, run_pipeline
+    from asyncdiff_partition.app.pipeline_job import PipelineJobError, PipelineRun, run_pipeline
 
     if model_spec is None:
         raise PipelineJobError("--prompt needs --model PIPELINE_DIR (a folder written by the pipeline's "
@@ -388,7 +388,7 @@ def _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, step
 @user_errors
 def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
     """Write one ONNX model per segment of a plan, each checked against its segment on the example inputs."""
-    from asyncdiff_partition.onnx.export import MANIFEST, export_plan_onnx  # Note [light commands]
+    from asyncdiff_partition.app.onnx_export import MANIFEST, export_plan_onnx  # Note [light commands]
 
     manifest = export_plan_onnx(plan_path, out_dir, model_spec=model_spec, opset=opset)
     for s in manifest["segments"]:
@@ -406,7 +406,7 @@ def export_onnx(plan_path, out_dir, model_spec, opset) -> None:
 def demo(out_dir: str, steps: int) -> None:
     """The main job on the bundled digits model: capture, profile, plan for 2 devices, run it async
     on 2 processes beside the sequential model; writes comparison.png and prints speedup and fidelity."""
-    from asyncdiff_partition.demo import run_demo  # Note [light commands]
+    from asyncdiff_partition.app.demo import run_demo  # Note [light commands]
 
     run_demo(out_dir, steps=steps, echo=click.echo)
 

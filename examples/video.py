@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from asyncdiff_partition import parallelize
-from asyncdiff_partition.runtime.pipeline_job import write_output
+from asyncdiff_partition.app.pipeline_job import write_output
 
 
 def main() -> None:

@@ -22,12 +22,12 @@ from conftest import tiny_profile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from asyncdiff_partition.app import preflight
 from asyncdiff_partition.cli.main import main
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import Plan, PlanError, format_plan, ideal_speedup, make_plan
 from asyncdiff_partition.core.profile import Profile, ProfileError
 from asyncdiff_partition.core.validation import check_plan_graph
-from asyncdiff_partition.runtime import preflight
 from asyncdiff_partition.runtime.launch import GRACE_S, LaunchError, launch
 
 MODEL = "tiny-unet2d-condition"
@@ -166,7 +166,7 @@ def mutations(draw, data):
 
 def _uses_of_a_plan(plan: Plan, graph) -> None:
     """What `run` and `plan` do with a loaded plan before any process starts."""
-    from asyncdiff_partition.runtime.settings import RunConfig, run_settings
+    from asyncdiff_partition.app.settings import RunConfig, run_settings
 
     world = run_settings(RunConfig(model=None, plan="p.json"), plan).world
     preflight.check_devices(world, oversubscribe=True)
@@ -390,9 +390,9 @@ def test_an_interrupt_ends_every_rank_with_one_line(outcomes, how, code):
 
 
 def test_steps_the_scheduler_cannot_take_are_refused_before_any_rank(files, tmp_path):
+    from asyncdiff_partition.app.pipeline_backend import check_scheduler_steps
     from asyncdiff_partition.core.errors import ConfigError
     from asyncdiff_partition.pipelines.offline import build_pipeline
-    from asyncdiff_partition.runtime.pipeline_backend import check_scheduler_steps
 
     scheduler = build_pipeline("tiny-unet2d-condition", seed=0).pipe.scheduler  # steps_offset=1, leading
     check_scheduler_steps(scheduler, 999)
@@ -490,7 +490,7 @@ def test_a_rank_killed_under_the_fork_server_ends_the_run_with_one_line_naming_i
 
 
 def test_a_warmup_that_covers_every_step_is_noted():
-    from asyncdiff_partition.runtime.settings import RunSettings
+    from asyncdiff_partition.app.settings import RunSettings
 
     assert "every step runs exactly" in RunSettings(steps=5, warmup=50, stride=1, world=2).note
     assert RunSettings(steps=20, warmup=1, stride=1, world=2).note is None

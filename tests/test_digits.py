@@ -69,7 +69,7 @@ def test_output_is_deterministic_and_denoises_real_digits() -> None:
 
 
 def test_example_inputs_and_capture_take_integer_labels() -> None:
-    from asyncdiff_partition.api import capture_spec
+    from asyncdiff_partition.app.api import capture_spec
 
     inputs = zoo.example_inputs(shipped(), batch=2)
     labels = inputs.kwargs["class_labels"]

@@ -129,3 +129,31 @@ def test_core_imports_only_core():
     for importer, imported, _, _ in _imports(modules):
         if importer.startswith(f"{PACKAGE}.core."):
             assert imported.startswith(f"{PACKAGE}.core"), f"{importer} imports {imported}"
+
+
+# Each layer imports only the layers below it (issue 20's floors): the compiler half (fx, onnx) never
+# the runtime; the runtime never pipelines, onnx, evaluation or the commands; nothing below the
+# commands (app) imports them.
+ALLOWED = {
+    "core": {"core"},
+    "fx": {"core", "fx"},
+    "onnx": {"core", "fx", "onnx"},
+    "runtime": {"core", "fx", "runtime"},
+    "pipelines": {"core", "fx", "runtime", "pipelines"},
+    "evaluation": {"core", "fx", "onnx", "runtime", "pipelines", "evaluation"},
+    "app": {"core", "fx", "onnx", "runtime", "pipelines", "evaluation", "app"},
+}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_layers_import_only_the_layers_below():
+    modules = _modules()
+    wrong = sorted({(importer, imported) for importer, imported, _, _ in _imports(modules)
+                    if _layer(importer) in ALLOWED and imported != PACKAGE
+                    and _layer(imported) not in ALLOWED[_layer(importer)]})
+    assert wrong == []
+    assert {_layer(m) for m in modules} >= set(ALLOWED)  # every layer exists: the rule is not vacuous

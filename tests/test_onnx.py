@@ -15,6 +15,10 @@ import torch
 from click.testing import CliRunner
 from conftest import tiny, tiny_captured, tiny_profile
 
+from asyncdiff_partition.app.job import run_plan
+from asyncdiff_partition.app.onnx_export import export_plan_onnx, load_exported
+from asyncdiff_partition.app.onnx_run import OnnxBackend, sample
+from asyncdiff_partition.app.settings import RunConfig
 from asyncdiff_partition.cli.main import main
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.placement import place
@@ -22,15 +26,11 @@ from asyncdiff_partition.core.plan import Plan, PlanError, make_plan, module_bou
 from asyncdiff_partition.core.profile import Profile, fingerprint
 from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.split import run_segments, split_graph
-from asyncdiff_partition.onnx.export import export_plan_onnx, load_exported
 from asyncdiff_partition.onnx.model import OUTPUT as ONNX_OUTPUT
 from asyncdiff_partition.onnx.model import OnnxModelError, load_onnx
 from asyncdiff_partition.onnx.profiler import example_feed, make_session, node_costs, profile_onnx
-from asyncdiff_partition.onnx.run import OnnxBackend, sample
 from asyncdiff_partition.onnx.segments import OnnxCapture, ready_onnx_segments, split_onnx
-from asyncdiff_partition.runtime.job import run_plan
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
-from asyncdiff_partition.runtime.settings import RunConfig
 
 pytest.importorskip("onnxruntime")
 

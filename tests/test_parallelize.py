@@ -10,8 +10,8 @@ from asyncdiff_partition import parallelize
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import PlanError
 from asyncdiff_partition.pipelines.parallelize import ParallelizeError, unparallelize
-from asyncdiff_partition.pipelines.wrap import scheduled
 from asyncdiff_partition.pipelines.recording import RecordingError, record_denoiser_calls
+from asyncdiff_partition.pipelines.wrap import scheduled
 
 
 @pytest.fixture(scope="module")

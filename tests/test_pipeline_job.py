@@ -1,4 +1,4 @@
-"""runtime/pipeline_job: saved pipeline folders keep their dtype; outputs are the pipeline's own."""
+"""app/pipeline_job and pipelines/loading: saved pipeline folders keep their dtype; outputs are the pipeline's own."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import torch
 from PIL import Image
 from tiny_pipelines import build
 
-from asyncdiff_partition.runtime.pipeline_job import (
+from asyncdiff_partition.app.pipeline_job import (
     PipelineJobError,
     PipelineRun,
     call_arguments,
-    load_pipeline,
     run_pipeline,
-    saved_dtypes,
     write_output,
 )
+from asyncdiff_partition.pipelines.loading import load_pipeline, saved_dtypes
 
 
 @pytest.fixture(scope="module")

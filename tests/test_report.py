@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from asyncdiff_partition.app.report import format_run, load_report, summarize_steps, write_report, write_trace
 from asyncdiff_partition.core.files import FileFormatError
-from asyncdiff_partition.runtime.report import format_run, load_report, summarize_steps, write_report, write_trace
 
 
 def rows(rank: int, compute: list[float], wait: float = 1.0, sent: int = 100) -> list[dict]:

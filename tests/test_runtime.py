@@ -309,9 +309,9 @@ def test_spawned_ranks_of_run_build_no_op_graph_and_split_nothing(tmp_path):
     """`run` compiles the plan once in the launching process; each rank loads its finished segment."""
     from conftest import tiny_profile
 
-    from asyncdiff_partition.runtime.job import run_plan
-    from asyncdiff_partition.runtime.report import load_report
-    from asyncdiff_partition.runtime.settings import RunConfig
+    from asyncdiff_partition.app.job import run_plan
+    from asyncdiff_partition.app.report import load_report
+    from asyncdiff_partition.app.settings import RunConfig
 
     plan_path = make_plan(tiny_profile("tiny-dit"), 2, steps=2, warmup=1).save(tmp_path / "plan.json")
     result = run_plan(RunConfig(model=None, plan=str(plan_path), out_dir=str(tmp_path / "run"), timeout_s=120,
@@ -329,13 +329,13 @@ def test_run_samples_a_hybrid_plan_on_batch_groups_like_its_reference(tmp_path):
     from conftest import tiny
     from PIL import Image
 
+    from asyncdiff_partition.app.job import run_plan
+    from asyncdiff_partition.app.report import load_report
+    from asyncdiff_partition.app.settings import RunConfig
     from asyncdiff_partition.core.hybrid_plan import make_hybrid_plan
     from asyncdiff_partition.fx.capture import capture_model
     from asyncdiff_partition.fx.profiler import profile_model
     from asyncdiff_partition.pipelines import zoo
-    from asyncdiff_partition.runtime.job import run_plan
-    from asyncdiff_partition.runtime.report import load_report
-    from asyncdiff_partition.runtime.settings import RunConfig
 
     name = "tiny-unet2d-condition"
     model, _ = tiny(name)

@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from conftest import tiny_captured, tiny_profile
 from PIL import Image
 
+from asyncdiff_partition.app.report import load_report
+from asyncdiff_partition.app.settings import RunConfig, plan_input_shapes
 from asyncdiff_partition.cli.main import main
 from asyncdiff_partition.core.placement import place
 from asyncdiff_partition.core.plan import make_plan, module_boundaries
@@ -27,8 +29,6 @@ from asyncdiff_partition.pipelines.wrap import (
     wrap_pipeline,
 )
 from asyncdiff_partition.runtime.reference import ReferenceSchedule
-from asyncdiff_partition.runtime.report import load_report
-from asyncdiff_partition.runtime.settings import RunConfig, plan_input_shapes
 
 STEPS = 3
 CUT = {"tiny-unet2d-condition": "up_blocks.1", "tiny-dit": "transformer_blocks.3", "tiny-unet2d": "up_blocks.1"}

@@ -8,7 +8,7 @@ Example::
     value_layouts(captured, ["add_3", "output"])     # recorded by the same pass
 
 The pass that sizes the values (:class:`TensorMetaProp`) also records each value's
-:class:`~asyncdiff_partition.runtime.layout.ValueLayout` under ``node.meta[META_KEY]``, so the
+:class:`~asyncdiff_partition.fx.layout.ValueLayout` under ``node.meta[META_KEY]``, so the
 layouts a rank allocates its receive buffers from cost no second pass.
 """
 
@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.graph import OpGraph
 from asyncdiff_partition.fx.capture import MODULE_KEY, CapturedModel
-from asyncdiff_partition.runtime.layout import ValueLayout
+from asyncdiff_partition.fx.layout import ValueLayout
 
 __all__ = ["META_KEY", "TensorMetaProp", "build_op_graph", "shaped_op_graph", "value_bytes", "value_layouts"]
 

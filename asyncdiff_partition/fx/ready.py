@@ -18,9 +18,9 @@ from asyncdiff_partition.core.plan import Plan
 from asyncdiff_partition.core.profile import fingerprint
 from asyncdiff_partition.core.validation import check_plan_graph
 from asyncdiff_partition.fx.capture import CapturedModel
+from asyncdiff_partition.fx.layout import ReadySegment
 from asyncdiff_partition.fx.opgraph import shaped_op_graph, value_layouts
 from asyncdiff_partition.fx.split import Segment, split_graph
-from asyncdiff_partition.runtime.layout import ReadySegment
 
 __all__ = ["check_plan", "checked_op_graph", "ready_segments", "ready_from_split"]
 

@@ -26,8 +26,8 @@ import torch
 import torch.fx
 
 from asyncdiff_partition.fx.capture import CapturedModel, pack_captured, resolve_attr, restore_captured
+from asyncdiff_partition.fx.layout import ReadySegment
 from asyncdiff_partition.fx.pickling import is_stand_in
-from asyncdiff_partition.runtime.layout import ReadySegment
 
 __all__ = ["ShippedSegments", "is_stand_in", "ship_segments"]
 

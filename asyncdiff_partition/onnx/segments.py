@@ -39,10 +39,10 @@ from asyncdiff_partition.core.plan import Plan
 from asyncdiff_partition.core.profile import fingerprint
 from asyncdiff_partition.core.validation import check_plan_graph
 from asyncdiff_partition.fx.capture import InputSpec
+from asyncdiff_partition.fx.layout import ReadySegment, ValueLayout
 from asyncdiff_partition.fx.split import Segment
 from asyncdiff_partition.onnx.model import OnnxModel
 from asyncdiff_partition.onnx.profiler import make_session
-from asyncdiff_partition.runtime.layout import ReadySegment, ValueLayout
 
 __all__ = ["OnnxCapture", "OnnxSegmentModule", "check_onnx_plan", "measure_onnx_plan", "ready_onnx_segments",
            "split_onnx", "time_onnx_segments", "value_layout"]

@@ -378,7 +378,7 @@ class _Parallel:
 
     def _release(self) -> None:
         """Keep only this rank's segments' weights of every denoiser (Note [prepared calls])."""
-        from asyncdiff_partition.runtime.pipeline_backend import release_weights
+        from asyncdiff_partition.fx.weights import release_weights
 
         for name, denoiser in self.denoisers.items():
             mine = [c for (n, _), c in self.compiled.items() if n == name]

@@ -113,6 +113,7 @@ class DenoiserRecord:
         timestep: the argument path of the timestep, None if no input follows the scheduler.
         form: how that input relates to the scheduler (a key of :data:`FORMS`), or None.
         output: how it returns its prediction.
+        rows: the batch of its prediction (the latent's batch: guidance passes batched in).
     """
 
     name: str
@@ -124,6 +125,7 @@ class DenoiserRecord:
     timestep: str | None
     form: str | None
     output: OutputForm
+    rows: int = 1
 
 
 @dataclass
@@ -376,8 +378,9 @@ def _denoiser(pipeline: str, name: str, module: torch.nn.Module, sname: str, sch
     form_of = OutputForm.of(output, f"{pipeline}'s denoiser {name!r} ({type(module).__name__})")
     timestep, form = _find_timestep(module, [e for e in mine if e.position == 0 and e.call is not None], sname,
                                     scheduler)
+    shape = next(e.shape for e in mine if e.shape)
     return DenoiserRecord(name, module, scheduler, list(first.values()), sorted(by_step),
-                          max(len(v) for v in by_step.values()), timestep, form, form_of)
+                          max(len(v) for v in by_step.values()), timestep, form, form_of, shape[0] if shape else 1)
 
 
 def _find_timestep(module: torch.nn.Module, calls: list[_Event], sname: str,

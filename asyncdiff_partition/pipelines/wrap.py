@@ -15,7 +15,7 @@ and each call goes to a :class:`~asyncdiff_partition.runtime.reference.StepDenoi
 single-process ``ReferenceSchedule`` or one rank's ``AsyncDenoiser``). A model of your own,
 outside diffusers, is run with :func:`denoise`. :func:`~asyncdiff_partition.pipelines.parallelize.
 parallelize` installs scheduled denoisers for any pipeline; the ``asyncdiff-partition run``
-command is :mod:`~asyncdiff_partition.runtime.job`.
+command is :mod:`~asyncdiff_partition.app.job`.
 
 Note [streams]
 ~~~~~~~~~~~~~~

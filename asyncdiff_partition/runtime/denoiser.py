@@ -13,7 +13,7 @@ Example (every rank runs the same loop; see :func:`launch` for starting the rank
 
 :class:`AsyncDenoiser` follows the table of Note [schedule] in :mod:`asyncdiff_partition.core.schedule`
 (rank = slot) and gives the same ε as :class:`~asyncdiff_partition.runtime.reference.ReferenceSchedule`
-at every step. It is handed a finished :class:`~asyncdiff_partition.runtime.layout.ReadySegment`
+at every step. It is handed a finished :class:`~asyncdiff_partition.fx.layout.ReadySegment`
 (torch or ONNX alike): it builds no op graph and splits nothing.
 
 Note [transfers]
@@ -54,9 +54,9 @@ from asyncdiff_partition.core.schedule import (
 )
 from asyncdiff_partition.fx.compile import compile_segment
 from asyncdiff_partition.fx.device_move import move_module
+from asyncdiff_partition.fx.layout import ReadySegment, TensorSlot, tensor_leaves
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.extrapolation import StaleHistory
-from asyncdiff_partition.runtime.layout import ReadySegment, TensorSlot, tensor_leaves
 from asyncdiff_partition.runtime.reference import SamplingRun, check_inputs, step_inputs
 
 __all__ = ["STREAM_TAGS", "AsyncDenoiser", "check_agreement", "segment_for_rank"]

@@ -35,11 +35,11 @@ from torch import Tensor
 from asyncdiff_partition.core.graph import OUTPUT
 from asyncdiff_partition.core.plan import Plan
 from asyncdiff_partition.core.schedule import n_slots, slot_segment
+from asyncdiff_partition.fx.layout import ReadySegment, TensorSlot
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.batch import split_batch
 from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
 from asyncdiff_partition.runtime.groups import make_groups
-from asyncdiff_partition.runtime.layout import ReadySegment, TensorSlot
 from asyncdiff_partition.runtime.policy import PhasePolicy, check_phases
 
 __all__ = ["HybridDenoiser", "segment_for_hybrid_rank"]

@@ -30,7 +30,8 @@ from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.core.files import write_json_atomic
 from asyncdiff_partition.runtime import comm
 
-__all__ = ["GRACE_S", "Interrupted", "LaunchError", "handle_interrupts", "is_launched_externally", "launch"]
+__all__ = ["GRACE_S", "Interrupted", "LaunchError", "handle_interrupts", "is_launched_externally", "launch",
+           "process_context"]
 
 # Note [grace]
 # When one rank fails, torch's elastic agent (2.13) stops the others with SIGTERM and waits a
@@ -206,6 +207,26 @@ def launch(
                 if handler is not None:
                     signal.signal(sig, handler)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_context(start_method: str | None, entrypoint: Callable[..., Any]) -> tuple[Any, dict[str, str] | None]:
+    """The multiprocessing context :func:`launch` would start ``entrypoint``'s workers with, and, under
+    the fork server, the environment a worker must take back (Note [forkserver]); for ranks started
+    without the elastic agent (runtime.ranks).
+
+    Raises:
+        ConfigError: an unknown start method.
+    """
+    import multiprocessing
+
+    start_method = start_method or os.environ.get(START_ENV) or "spawn"
+    if start_method not in _START_METHODS:
+        raise ConfigError(f"start method must be one of {', '.join(_START_METHODS)}, got {start_method!r}")
+    environment = None
+    if start_method == "forkserver":
+        _start_forkserver(entrypoint)
+        environment = dict(os.environ)
+    return multiprocessing.get_context(start_method), environment
 
 
 def _end_partial_line() -> None:

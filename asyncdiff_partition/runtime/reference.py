@@ -33,9 +33,9 @@ from asyncdiff_partition.core.schedule import (
     make_schedule,
 )
 from asyncdiff_partition.fx.compile import compile_segment, module_device
+from asyncdiff_partition.fx.layout import RunnableSegment, is_dense
 from asyncdiff_partition.runtime.batch import split_batch
 from asyncdiff_partition.runtime.extrapolation import StaleHistory
-from asyncdiff_partition.runtime.layout import RunnableSegment, is_dense
 from asyncdiff_partition.runtime.policy import PhasePolicy
 
 __all__ = ["ReferenceSchedule", "SamplingRun", "StepDenoiser", "UnsplitDenoiser", "check_inputs", "step_inputs"]
@@ -197,7 +197,7 @@ class ReferenceSchedule:
 
 
 def as_sent(value: Any) -> Any:
-    """A value as another rank receives it (Note [memory order] in runtime/layout.py): dense tensors as
+    """A value as another rank receives it (Note [memory order] in fx/layout.py): dense tensors as
     they are, other views as row-major copies; the oracle reads what the ranks read."""
     return pytree.tree_map(lambda x: x if not isinstance(x, Tensor) or is_dense(x) else x.contiguous(), value)
 

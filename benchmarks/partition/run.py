@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from asyncdiff_partition.api import capture_profiled, capture_spec
+from asyncdiff_partition.app.api import capture_profiled, capture_spec
 from asyncdiff_partition.core.baseline import make_asyncdiff_plan
 from asyncdiff_partition.core.partition import PartitionProblem, balance_segments
 from asyncdiff_partition.core.plan import Plan, make_plan

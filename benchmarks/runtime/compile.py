@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from asyncdiff_partition.api import capture_spec
+from asyncdiff_partition.app.api import capture_spec
+from asyncdiff_partition.app.report import load_report
 from asyncdiff_partition.core.plan import make_plan
 from asyncdiff_partition.fx.profiler import profile_model
-from asyncdiff_partition.runtime.report import load_report
 
 
 def main() -> int:

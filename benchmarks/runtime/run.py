@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from asyncdiff_partition.api import capture_spec
+from asyncdiff_partition.app.api import capture_spec
+from asyncdiff_partition.app.report import load_report
 from asyncdiff_partition.core.plan import ideal_speedup, make_plan
 from asyncdiff_partition.core.summary import format_bytes
 from asyncdiff_partition.fx.profiler import profile_model
-from asyncdiff_partition.runtime.report import load_report
 
 
 def denoise_ms(result: dict) -> float:

@@ -124,7 +124,7 @@ def check_resources(*, world: int, ship_bytes: int | None, out_dir: str | os.Pat
 
 
 def check_run(config: Any, plan: Any, world: int) -> None:
-    """:func:`check_resources` for a ``run`` (a :class:`~asyncdiff_partition.runtime.job.RunConfig`):
+    """:func:`check_resources` for a ``run`` (a :class:`~asyncdiff_partition.app.job.RunConfig`):
     a reference run or a rank of an outside launch starts and ships nothing."""
     from asyncdiff_partition.runtime.launch import is_launched_externally
 

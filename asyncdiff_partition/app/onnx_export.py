@@ -117,9 +117,9 @@ def load_exported(out_dir: str | Path, *, threads: int = 1, optimization: str = 
 
 
 def _torch_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Any], list[list[Any]]]:
-    from asyncdiff_partition.api import capture_spec
+    from asyncdiff_partition.app.api import capture_spec
+    from asyncdiff_partition.app.settings import plan_input_shapes
     from asyncdiff_partition.fx.ready import ready_segments
-    from asyncdiff_partition.runtime.settings import plan_input_shapes
 
     shapes = plan_input_shapes(plan, plan_path)
     latent = next((s["shape"] for s in shapes or [] if s["latent"]), None)
@@ -129,10 +129,10 @@ def _torch_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[
 
 
 def _onnx_segments(spec: str, plan: Plan, plan_path: str | Path) -> tuple[list[Any], list[list[Any]]]:
+    from asyncdiff_partition.app.settings import plan_input_shapes
     from asyncdiff_partition.onnx.model import load_onnx
     from asyncdiff_partition.onnx.profiler import example_feed
     from asyncdiff_partition.onnx.segments import ready_onnx_segments
-    from asyncdiff_partition.runtime.settings import plan_input_shapes
 
     shapes = plan_input_shapes(plan, plan_path) or []
     model = load_onnx(spec, input_shapes={s["name"]: s["shape"] for s in shapes},

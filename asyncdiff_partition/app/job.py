@@ -6,8 +6,8 @@ Example::
     result["images"], result["report"], result["summary"]["step_ms"]["median"]
 
 :func:`run_plan` is the one run path; a :class:`Backend` says how a model is loaded, compiled
-into ready segments and sampled (:class:`~asyncdiff_partition.runtime.pipeline_backend.TorchBackend`: the model's diffusers pipeline;
-:class:`~asyncdiff_partition.onnx.run.OnnxBackend`: a seeded loop over an ONNX denoiser). It
+into ready segments and sampled (:class:`~asyncdiff_partition.app.pipeline_backend.TorchBackend`: the model's diffusers pipeline;
+:class:`~asyncdiff_partition.app.onnx_run.OnnxBackend`: a seeded loop over an ONNX denoiser). It
 checks everything a user can get wrong in this process and compiles the plan once (one op
 graph, one placement, one split), then spawns the plan's ranks
 (:func:`~asyncdiff_partition.runtime.launch.launch`), each sent only its finished segment
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from asyncdiff_partition.runtime.preflight import check_run
-from asyncdiff_partition.runtime.settings import Backend, RunConfig, RunSettings, run_settings
+from asyncdiff_partition.app.preflight import check_run
+from asyncdiff_partition.app.settings import Backend, RunConfig, RunSettings, run_settings
 
 __all__ = ["backend_for", "run_plan", "run_worker"]
 
@@ -100,10 +100,10 @@ def backend_for(model_spec: str | None, plan: Any) -> Backend:
     from asyncdiff_partition.onnx.model import is_onnx_path
 
     if is_onnx_path(model_spec if model_spec is not None else plan.model):
-        from asyncdiff_partition.onnx.run import OnnxBackend
+        from asyncdiff_partition.app.onnx_run import OnnxBackend
 
         return OnnxBackend()
-    from asyncdiff_partition.runtime.pipeline_backend import TorchBackend
+    from asyncdiff_partition.app.pipeline_backend import TorchBackend
 
     return TorchBackend()
 
@@ -145,7 +145,7 @@ class _InProcess:
 def _write_outputs(config: RunConfig, backend: Backend, meta: dict[str, Any],
                    results: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """Rank 0: the backend's outputs, the run report (and trace) from every reported rank's results."""
-    from asyncdiff_partition.runtime.report import summarize_steps, write_report, write_trace
+    from asyncdiff_partition.app.report import summarize_steps, write_report, write_trace
 
     first = results[min(results)]
     if first["rank"] != 0:  # launched from outside, not rank 0: rank 0 writes

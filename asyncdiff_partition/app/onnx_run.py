@@ -12,7 +12,7 @@ random latent under seeded random conditions with a DDIM scheduler, through
 with ``reference``, one process runs
 :class:`~asyncdiff_partition.runtime.reference.ReferenceSchedule` over the same segments. Rank 0
 writes ``latent.npy`` and ``report.json`` (and the Chrome trace); the rest of the run (settings,
-checks, launch, report) is :func:`~asyncdiff_partition.runtime.job.run_plan`'s.
+checks, launch, report) is :func:`~asyncdiff_partition.app.job.run_plan`'s.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asyncdiff_partition.app.settings import RunConfig, RunSettings, plan_input_shapes
 from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.core.plan import Plan
 from asyncdiff_partition.onnx.model import OnnxModel, load_onnx
 from asyncdiff_partition.onnx.segments import OnnxCapture, ready_onnx_segments
 from asyncdiff_partition.pipelines.wrap import denoise
-from asyncdiff_partition.runtime.settings import RunConfig, RunSettings, plan_input_shapes
 
 __all__ = ["OnnxBackend", "load_for_plan", "sample"]
 
@@ -86,7 +86,7 @@ class _OnnxJob:
 
 
 class OnnxBackend:
-    """:func:`~asyncdiff_partition.runtime.job.run_plan` for an ONNX plan: a seeded loop; rank 0 keeps x_0."""
+    """:func:`~asyncdiff_partition.app.job.run_plan` for an ONNX plan: a seeded loop; rank 0 keeps x_0."""
 
     runtime = "onnxruntime"
 

@@ -1,7 +1,7 @@
 """The inspect, profile and plan entry points: a model given by name or folder through the stages.
 
 The CLI's ``inspect``, ``profile`` and ``plan --measure`` are thin layers over these (``run`` is
-:mod:`asyncdiff_partition.runtime.job`, ``demo`` :mod:`asyncdiff_partition.demo`).
+:mod:`asyncdiff_partition.app.job`, ``demo`` :mod:`asyncdiff_partition.app.demo`).
 
 Example::
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Set
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,17 +28,17 @@ from typing import Any
 import torch
 import torch.fx
 
+from asyncdiff_partition.app.report import peak_resident_bytes, resident_bytes
+from asyncdiff_partition.app.settings import RunConfig, RunSettings, latent_shape
 from asyncdiff_partition.core.errors import ConfigError
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.device_move import move_captured
-from asyncdiff_partition.fx.pickling import is_stand_in
+from asyncdiff_partition.fx.weights import release_weights
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
 from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, scheduled, wrap_pipeline
-from asyncdiff_partition.runtime.report import peak_resident_bytes, resident_bytes
-from asyncdiff_partition.runtime.settings import RunConfig, RunSettings, latent_shape
 
-__all__ = ["TorchBackend", "default_guidance", "is_hybrid", "release_weights", "whole_batch"]
+__all__ = ["TorchBackend", "default_guidance", "is_hybrid", "whole_batch"]
 
 
 @dataclass
@@ -142,35 +142,6 @@ def _prepare(
     if captured is None:
         captured = capture_for_pipeline(built, batch=batch, sample_size=size, verify=verify)
     return built, captured, images
-
-
-def release_weights(model: torch.nn.Module, keep: torch.nn.Module, used: Set[int] | None = None) -> int:
-    """Swap every parameter and buffer of ``model`` that ``keep`` does not hold for a stand-in.
-
-    With ``used`` (ids of the tensors the captured graphs read), only those are swapped: a
-    pipeline may read others outside the model's ``forward`` (a prior's ``clip_mean`` and
-    ``clip_std`` in ``post_process_latents``), and they stay.
-
-    A rank's pipeline keeps the original denoiser for its attributes (``config``, ``dtype``,
-    ``device``, ...), not its weights: after this, only the weights of this rank's segments
-    (``keep``) stay in memory, once nothing else refers to the old tensors (drop the capture
-    first). A stand-in is one element on the tensor's device, expanded to its shape and dtype
-    (Note [weight stand-ins] in fx/pickling.py). Returns the bytes kept.
-    """
-    own = {id(t) for t in (*keep.parameters(), *keep.buffers())}
-    kept = 0
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is None or t.device.type == "meta" or is_stand_in(t) or (used is not None and id(t) not in used):
-                    continue
-                if id(t) in own:
-                    kept += t.numel() * t.element_size()
-                    continue
-                empty = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
-                is_param = isinstance(t, torch.nn.Parameter)
-                store[name] = torch.nn.Parameter(empty, requires_grad=False) if is_param else empty  # type: ignore[assignment]
-    return kept
 
 
 def is_hybrid(plan: Any) -> bool:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from asyncdiff_partition.api import capture_spec
+from asyncdiff_partition.app.api import capture_spec
+from asyncdiff_partition.app.job import RunConfig, run_plan
 from asyncdiff_partition.core.files import write_atomic
 from asyncdiff_partition.core.plan import format_plan, ideal_speedup, make_plan
 from asyncdiff_partition.core.summary import format_bytes, format_summary, summarize_model
@@ -25,7 +26,6 @@ from asyncdiff_partition.fx.opgraph import build_op_graph
 from asyncdiff_partition.fx.profiler import profile_model
 from asyncdiff_partition.pipelines import zoo
 from asyncdiff_partition.pipelines.digits import NUM_CLASSES
-from asyncdiff_partition.runtime.job import RunConfig, run_plan
 
 __all__ = ["run_demo"]
 
