@@ -156,3 +156,28 @@ def test_custom_example_model_is_captured_and_matches_eager():
     assert captured.method == "fx"  # plain PyTorch: symbolic_trace works, no fallback needed
     with torch.no_grad():
         torch.testing.assert_close(captured(*args, **kwargs), model(*args, **kwargs))
+
+
+class _Branchy(torch.nn.Module):
+    """Captures as far as ``block.inner``, whose forward branches on a tensor value."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = torch.nn.Linear(4, 4)
+        self.block = torch.nn.Module()
+        self.block.inner = _DataDependent()
+
+    def forward(self, sample, timestep):
+        return self.block.inner(self.pre(sample), timestep)
+
+
+def test_capture_error_names_the_operation_and_the_module_path_for_every_method():
+    with pytest.raises(CaptureError) as info:
+        capture_model(_Branchy().eval(), (torch.randn(2, 4), torch.randn(2)))
+    lines = {line.split(":", 1)[0].strip(" -"): line for line in str(info.value).splitlines() if line.startswith("  - ")}
+    assert lines.keys() == {"fx", "export"}
+    for method, line in lines.items():
+        assert f"  - {method}: module 'block.inner' (_DataDependent), operation " in line, line
+        assert "in forward: if sample.sum() > 0" in line
+    assert "operation torch.fx.Proxy.__bool__ (a Python branch" in lines["fx"]
+    assert "operation torch.Tensor.__bool__: " in lines["export"]
