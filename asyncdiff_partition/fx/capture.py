@@ -13,10 +13,11 @@ placeholder is which model argument and which one is the latent.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import keyword
 import re
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,8 +258,34 @@ def _trace_fx(wrapper: _FlatCall, example: list[torch.Tensor]) -> torch.fx.Graph
     return torch.fx.symbolic_trace(wrapper)
 
 
+@contextlib.contextmanager
+def _data_as_detach() -> Iterator[None]:
+    """While tracing, ``tensor.data`` reads as ``tensor.detach()``.
+
+    Non-strict export cannot follow ``.data``: the tensor it returns is untracked, and export
+    stops at it as a fake constant (diffusers' CogVideoX builds positional embeddings for a new
+    size with ``joint.data[:, n:].copy_(pos)``). Under ``no_grad`` the two name the same tensor
+    (same storage, same values), and ``detach`` is an op the tracer records, writes through it
+    included. ``.data`` is a C attribute that no torch-function mode sees, so the property is
+    shadowed on ``torch.Tensor`` for the trace and restored after; setting ``.data`` is unchanged.
+    Verification against eager still guards the result.
+    """
+    setter = vars(torch._C.TensorBase)["data"].__set__
+    had = "data" in vars(torch.Tensor)
+    previous = vars(torch.Tensor).get("data")
+    setattr(torch.Tensor, "data", property(lambda self: self.detach(), setter))  # noqa: B010 - a class attribute
+    try:
+        yield
+    finally:
+        if had:
+            setattr(torch.Tensor, "data", previous)  # noqa: B010
+        else:
+            delattr(torch.Tensor, "data")
+
+
 def _trace_export(wrapper: _FlatCall, example: list[torch.Tensor]) -> torch.fx.GraphModule:
-    program = torch.export.export(wrapper, tuple(example), strict=False)
+    with _data_as_detach():
+        program = torch.export.export(wrapper, tuple(example), strict=False)
     gm = program.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward(*tensors)
     for node in gm.graph.find_nodes(op="output"):
