@@ -22,6 +22,7 @@ its *base*: the node whose value first held it (views and in-place results share
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -65,6 +66,7 @@ def _mutated_args(schema: torch.FunctionSchema, node: Node) -> list[Node]:
     return found
 
 
+@functools.cache
 def _mutates_self(name: str) -> bool:
     """Whether every aten overload named ``name`` writes its first argument (``mul_``, ``copy_``)."""
     packet = getattr(torch.ops.aten, name, None) if name.endswith("_") and not name.startswith("_") else None

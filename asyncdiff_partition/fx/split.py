@@ -257,27 +257,32 @@ def _max_abs(a: Tensor, e: Tensor) -> float:
 
 
 def _first_sent_difference(captured: CapturedModel, segments: list[Segment], values: dict[str, Any]) -> str:
-    """``; the first value sent between segments that differs is ...``, or nothing (run only on failure)."""
+    """``; the first value sent between segments that differs is ...``, or why none does (run only on failure).
+
+    A sent value is its segment's tensor when the segment has finished, so writes made in place
+    after the value was computed may be in it: it is compared with the captured graph's value
+    both as computed and as left at the end of the run, and differs only if it matches neither.
+    """
     sent = {v for s in segments for v in s.outputs if v != OUTPUT}
-    reference: dict[str, Any] = {}
+    reference: dict[str, tuple[Any, Any]] = {}
 
     class _Keep(torch.fx.Interpreter):
         def run_node(self, node: Node) -> Any:
             result = super().run_node(node)
             if node.name in sent:
-                reference[node.name] = result
+                reference[node.name] = (_copies([result])[0], result)
             return result
 
     with seeded(captured.example), torch.no_grad():
         _Keep(captured.graph_module).run(*_copies(captured.example))
     for node in captured.graph_module.graph.nodes:
         if node.name in sent:
-            found = _difference(values[node.name], reference[node.name])
-            if found is not None:
+            found = [_difference(values[node.name], want) for want in reference[node.name]]
+            if all(f is not None for f in found):
                 producer = next(s.index for s in segments if node.name in s.outputs)
                 module = node.meta.get(MODULE_KEY, "")
                 return (f"; the first value sent between segments that differs is {node.name!r} (module {module!r}, "
-                        f"from segment {producer}): {found.replace('the output', 'it')}")
+                        f"from segment {producer}): {str(found[0]).replace('the output', 'it')}")
     return "; every value sent between segments agrees, so the difference arises in the last segments' own work"
 
 
