@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from asyncdiff_partition.core.graph import OpGraph
+from asyncdiff_partition.core.graph import GraphError, OpGraph
 from asyncdiff_partition.core.placement import PlacementError, SideEffectError, place
 from asyncdiff_partition.fx.capture import capture_model
 from asyncdiff_partition.fx.opgraph import build_op_graph
@@ -123,6 +123,54 @@ def test_a_segment_that_writes_a_received_tensor_writes_its_own_copy():
     assert all(torch.equal(a, b) for a, b in zip(sent, before))  # the sender's tensors are untouched
 
 
+
+class _InputsAndBuffer(torch.nn.Module):
+    """Writes into both model inputs and into a buffer (each write stores the same value at every call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in, self.mix, self.proj_out = torch.nn.Linear(4, 4), torch.nn.Linear(3, 4), torch.nn.Linear(4, 4)
+        self.register_buffer("cache", torch.zeros(3))
+
+    def forward(self, sample, cond):
+        cond.clamp_(-1.0, 1.0)  # fresh write into an input
+        sample.clamp_(-3.0, 3.0)  # stale write into the latent
+        h = self.proj_in(sample)
+        self.cache.copy_(cond.mean(0))  # fresh write into a buffer, read right after
+        h = h + self.mix(cond + self.cache)
+        return self.proj_out(h) + sample
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_writes_into_inputs_and_buffers_are_exact_or_refused_and_never_reach_the_caller(method):
+    torch.manual_seed(0)
+    captured = capture_model(_InputsAndBuffer().eval(), (torch.randn(2, 4) * 4, torch.randn(2, 3) * 2),
+                             methods=[method])
+    graph = build_op_graph(captured)
+    assert {graph.node(b)["kind"] for bases in graph.writes.values() for b in bases} == {"input", "constant"}
+    n, outcomes = len(graph), {"exact": 0, "refused": 0}
+    for cuts in itertools.chain(itertools.combinations(range(1, n), 1), itertools.combinations(range(1, n), 2)):
+        try:
+            segments = split_graph(captured, place(graph, [0, *cuts, n]))
+        except SideEffectError as error:
+            outcomes["refused"] += 1
+            # fx reads the latent under its placeholder after sample.clamp_(): a later segment
+            # would read its own, unclamped latent (export reads clamp_'s result instead)
+            assert method == "fx" and "writes in place into the tensor of node 'sample'" in str(error)
+            continue
+        except PlacementError:
+            continue
+        feed = {spec.name: t * 3 for spec, t in zip(captured.inputs, captured.example)}
+        kept = {name: t.clone() for name, t in feed.items()}
+        with torch.no_grad():
+            expected = captured.graph_module(*[t.clone() for t in feed.values()])
+            torch.testing.assert_close(run_segments(segments, feed), expected, rtol=0, atol=0, msg=f"cuts {cuts}")
+        assert all(torch.equal(feed[name], kept[name]) for name in feed)  # segments write their own copies
+        verify_segments(captured, segments)
+        outcomes["exact"] += 1
+    assert outcomes["exact"] > (0 if method == "fx" else 30) and (outcomes["refused"] > 0) == (method == "fx"), outcomes
+    verify_segments(captured, split_graph(captured, place(graph, [0, n])))
+
 def test_a_written_weight_must_stay_in_one_segment_with_everything_that_uses_it():
     # x ─ a ─ u ─ b ─ out, w a weight: a reads it, u writes into it (with a's value), b reads it again
     def node(name, kind="op", latent=False):
@@ -132,6 +180,10 @@ def test_a_written_weight_must_stay_in_one_segment_with_everything_that_uses_it(
     nodes = [node("x", "input", True), node("w", "constant"), node("a"), node("u"), node("b"), node("out", "output")]
     edges = [("x", "a"), ("w", "a"), ("w", "u"), ("a", "u"), ("w", "b"), ("b", "out")]
     graph = OpGraph.from_nodes(nodes, edges, storage={"w": ["w"]}, writes={"u": ["w"]})
+    with pytest.raises(GraphError, match="created after it"):
+        OpGraph.from_nodes(nodes, edges, storage={"b": ["b"]}, writes={"u": ["b"]})
+    with pytest.raises(GraphError, match="unknown nodes"):
+        OpGraph.from_nodes(nodes, edges, writes={"u": ["v"]})
     assert graph.observes("b") == ("u",) and not graph.fresh[graph.index["b"]]  # b depends on the stale write
     assert place(graph, [0, 5, 6]).segments[0].placed == ("a", "u", "b") and not place(graph, [0, 5, 6]).segments[0].cloned
     # a reads w in segment 0, u writes it in segment 1: the next call's a would miss the write

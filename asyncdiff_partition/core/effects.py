@@ -112,7 +112,9 @@ def check_writes(
         if key not in entries_memo:
             found: dict[str, frozenset[str]] = {}
             for value in living.get(base, ()):
-                if value in received[k] or value == base or nodes[value]["kind"] in ("input", "constant"):
+                if nodes[value]["kind"] == "constant":  # every name of a weight is the one tensor a rank holds
+                    found[value] = frozenset({base})
+                elif value in received[k] or value == base or nodes[value]["kind"] == "input":
                     found[value] = frozenset({value})
                 elif value in computed[k]:
                     found[value] = _copies(graph, value, base, found)

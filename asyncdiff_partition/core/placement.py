@@ -25,7 +25,7 @@ nowhere, as the partitioner's cost model charges it nowhere.
 In-place writes (Note [in-place writes] in :mod:`~asyncdiff_partition.core.graph`) go with the
 nodes that observe them: a fresh write is recomputed by every segment that computes one of its
 observers, a stale one stays in the segment of its position, and a fresh write into a weight or
-buffer runs in the segment of its position even when nothing reads it. A placement that would
+buffer that nothing reads afterwards runs in the segment of its position. A placement that would
 separate a stale write from its observers is refused with :class:`SideEffectError`
 (Note [writes in segments] in :mod:`~asyncdiff_partition.core.effects`).
 """
@@ -186,6 +186,7 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
     used: list[set[str]] = [set() for _ in range(n_seg)]  # inputs, constants, fresh ops per segment
     received: list[set[str]] = [set() for _ in range(n_seg)]
     sent: list[set[str]] = [set() for _ in range(n_seg)]
+    unobserved = set(graph.writes) - {w for name in order for w in graph.observes(name)}
     k = 0
     for i, name in enumerate(order):
         while i >= bounds[k + 1]:
@@ -194,8 +195,8 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
         if attrs["kind"] == "input":
             continue
         if attrs["fresh"]:
-            if any(nodes[b]["kind"] == "constant" for b in graph.writes.get(name, ())):
-                used[k].add(name)  # a write into a weight is kept even when nothing reads it
+            if name in unobserved and any(nodes[b]["kind"] == "constant" for b in graph.writes[name]):
+                used[k].add(name)  # a write into a weight is kept even when nothing in this call reads it
                 _gather(graph, name, k, owner, used, received, sent)
             continue
         owner[name] = k
