@@ -170,7 +170,7 @@ def verify_segments(captured: CapturedModel, segments: list[Segment], *, expecte
         captured: the capture the segments were split from, with its example call.
         segments: from :func:`split_graph`, in order.
         expected: the captured graph's output on ``captured.example``, run under :func:`seeded`,
-            when the caller has it (:func:`~asyncdiff_partition.fx.opgraph.traced_op_graph`); the
+            when the caller has it (:func:`~asyncdiff_partition.fx.opgraph.shaped_pass`); the
             check then costs one forward of the model, else two.
 
     Raises:
