@@ -156,3 +156,81 @@ def test_custom_example_model_is_captured_and_matches_eager():
     assert captured.method == "fx"  # plain PyTorch: symbolic_trace works, no fallback needed
     with torch.no_grad():
         torch.testing.assert_close(captured(*args, **kwargs), model(*args, **kwargs))
+
+
+def _cogvideox(rotary: bool):
+    """A tiny CogVideoXTransformer3DModel and the call CogVideoXPipeline makes, at a size other than
+    the config's sample size (so that patch_embed builds its positional embeddings on the fly)."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=5, temporal_compression_ratio=4, use_rotary_positional_embeddings=rotary).eval()
+    frames, height, width = 3, 12, 16
+    rotary_emb = None
+    if rotary:  # as CogVideoXPipeline._prepare_rotary_positional_embeddings (CogVideoX 1.0)
+        grid = (height // 2, width // 2)
+        rotary_emb = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), grid), grid_size=grid,
+                                             temporal_size=frames)
+    kwargs = {"hidden_states": torch.randn(2, frames, 4, height, width), "encoder_hidden_states": torch.randn(2, 5, 12),
+              "timestep": torch.tensor(500).expand(2), "image_rotary_emb": rotary_emb, "attention_kwargs": None,
+              "return_dict": False}
+    return model, kwargs
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["sincos-on-the-fly", "rotary-tuple"])
+def test_cogvideox_is_captured_as_its_pipeline_calls_it_and_splits_exactly(rotary):
+    from asyncdiff_partition.core.placement import place
+    from asyncdiff_partition.fx.opgraph import build_op_graph
+    from asyncdiff_partition.fx.split import run_segments, split_graph, verify_segments
+
+    model, kwargs = _cogvideox(rotary)
+    captured = capture_model(model, (), kwargs)
+    # fx stops at len(timesteps.shape); export now follows patch_embed's joint.data[...].copy_(pos)
+    assert captured.method == "export" and "'len' is not supported" in captured.attempts[0][1]
+    assert "module 'time_proj' (Timesteps)" in captured.attempts[0][1]
+    assert captured.latent.path == "hidden_states"
+    if rotary:
+        assert [s.path for s in captured.inputs][-2:] == ["image_rotary_emb[0]", "image_rotary_emb[1]"]
+    with torch.no_grad():
+        torch.testing.assert_close(captured(**kwargs), model(**kwargs)[0], rtol=0, atol=0)
+    graph = build_op_graph(captured)
+    assert rotary or any(graph.node(w)["module"] == "patch_embed" for w in graph.writes)
+    n = len(graph)
+    stale = [i for i, name in enumerate(graph.order) if graph.node(name)["kind"] == "op" and not graph.fresh[i]]
+    feed = {spec.name: t for spec, t in zip(captured.inputs, captured.example)}
+    with torch.no_grad():
+        expected = captured.graph_module(*captured.example)
+    for boundaries in ([0, stale[len(stale) // 2], n], [0, stale[len(stale) // 4], stale[3 * len(stale) // 4], n]):
+        segments = split_graph(captured, place(graph, boundaries))
+        verify_segments(captured, segments)
+        with torch.no_grad():
+            torch.testing.assert_close(run_segments(segments, feed), expected, rtol=0, atol=0)
+
+
+class _Branchy(torch.nn.Module):
+    """Captures as far as ``block.inner``, whose forward branches on a tensor value."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = torch.nn.Linear(4, 4)
+        self.block = torch.nn.Module()
+        self.block.inner = _DataDependent()
+
+    def forward(self, sample, timestep):
+        return self.block.inner(self.pre(sample), timestep)
+
+
+def test_capture_error_names_the_operation_and_the_module_path_for_every_method():
+    with pytest.raises(CaptureError) as info:
+        capture_model(_Branchy().eval(), (torch.randn(2, 4), torch.randn(2)))
+    lines = {line.split(":", 1)[0].strip(" -"): line for line in str(info.value).splitlines() if line.startswith("  - ")}
+    assert lines.keys() == {"fx", "export"}
+    for method, line in lines.items():
+        assert f"  - {method}: module 'block.inner' (_DataDependent), operation " in line, line
+        assert "in forward: if sample.sum() > 0" in line
+    assert "operation torch.fx.Proxy.__bool__ (a Python branch" in lines["fx"]
+    assert "operation torch.Tensor.__bool__: " in lines["export"]

@@ -21,12 +21,30 @@ Note [value kinds]
               segment that needs it; a *stale* op (depends on the latent) must be sent, and
               in the asynchronous schedule arrives one step late.
     output    the model output (the noise prediction).
+
+Note [in-place writes]
+    A node may write into a tensor in place (``copy_``, ``add_``, ``x[i] = v``) instead of, or
+    besides, returning a value, and later nodes may read the written tensor through another name
+    than the writer's output (LTX-Video scales its rope grid with ``grid[:, 0:1] = ...`` and then
+    reads ``grid``). Data edges alone do not see that dependency, so the graph carries two more
+    facts, given by the adapter that knows the framework's aliasing:
+
+    storage   value -> the *bases* (nodes that created a tensor storage) its tensors live in;
+              only storages that some node writes are listed
+    writes    writing node -> the bases it writes into
+
+    From them :meth:`OpGraph.observes` derives, per node, the last write before it into each
+    storage it reads: the node must run after that write and see its result. A node that
+    observes a stale write is stale; a fresh write is recomputed with its observers. Effects
+    do not cross cuts as values (they add no bytes to the cut tables); :mod:`~asyncdiff_partition.core.effects`
+    decides whether a placement keeps every write with its observers. They are facts of a
+    capture, not of a profile file: :meth:`OpGraph.to_dict` leaves them out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,17 +106,24 @@ class OpGraph:
         self.nx = graph
         self.order: list[str] = list(order)
         self.index: dict[str, int] = {name: i for i, name in enumerate(self.order)}
+        self.storage: dict[str, tuple[str, ...]] = {}  # Note [in-place writes]
+        self.writes: dict[str, tuple[str, ...]] = {}
+        self._observes: dict[str, tuple[str, ...]] = {}
 
     @classmethod
-    def from_nodes(cls, nodes: Sequence[dict[str, Any]], edges: Iterable[tuple[str, str]]) -> OpGraph:
+    def from_nodes(cls, nodes: Sequence[dict[str, Any]], edges: Iterable[tuple[str, str]], *,
+                   storage: Mapping[str, Sequence[str]] | None = None,
+                   writes: Mapping[str, Sequence[str]] | None = None) -> OpGraph:
         """Build from nodes in topological order and (producer, consumer) edges.
 
         Args:
             nodes: one dict per node with ``name`` and the fields of :data:`NODE_FIELDS`.
             edges: data dependencies; a producer must come before its consumer in ``nodes``.
+            storage, writes: in-place writes and the storages values live in (Note [in-place writes]).
 
         Raises:
-            GraphError: missing fields, unknown kinds, duplicate names, edges against the order.
+            GraphError: missing fields, unknown kinds, duplicate names, edges against the order,
+                writes into a storage created after the writer.
         """
         graph = nx.DiGraph()
         order: list[str] = []
@@ -120,6 +145,7 @@ class OpGraph:
                 raise GraphError(f"edge {producer!r} -> {consumer!r} goes against the topological order")
             graph.add_edge(producer, consumer)
         result = cls(graph, order)
+        result._set_writes(storage or {}, writes or {})
         result._mark_fresh()
         counters.count("op_graphs")
         return result
@@ -145,8 +171,38 @@ class OpGraph:
     def param_bytes(self) -> int:
         return sum(self.nx.nodes[n]["param_bytes"] for n in self.order)
 
+    def observes(self, name: str) -> tuple[str, ...]:
+        """The writes ``name`` must run after and see: per storage it reads, the last write before it."""
+        return self._observes.get(name, ())
+
+    def reads(self, name: str) -> set[str]:
+        """The written storages (their bases) that ``name``'s inputs live in."""
+        return {base for p in self.nx.predecessors(name) for base in self.storage.get(p, ())}
+
+    def _set_writes(self, storage: Mapping[str, Sequence[str]], writes: Mapping[str, Sequence[str]]) -> None:
+        # Note [in-place writes]. One pass in topological order: the last write into each base.
+        for what, table in (("storage", storage), ("writes", writes)):
+            for name, bases in table.items():
+                unknown = [n for n in (name, *bases) if n not in self.index]
+                if unknown:
+                    raise GraphError(f"{what} of {name!r} names unknown nodes {unknown}")
+        for writer, bases in writes.items():
+            late = [b for b in bases if self.index[b] > self.index[writer]]
+            if late:
+                raise GraphError(f"node {writer!r} writes into storages {late} that are created after it")
+        self.storage = {n: tuple(b) for n, b in storage.items() if b}
+        self.writes = {n: tuple(b) for n, b in writes.items() if b}
+        last: dict[str, str] = {}
+        for name in self.order:
+            seen = {last[b] for b in self.reads(name) if b in last}
+            if seen:
+                self._observes[name] = tuple(sorted(seen, key=self.index.__getitem__))
+            for base in self.writes.get(name, ()):
+                last[base] = name
+
     def _mark_fresh(self) -> None:
-        # See Note [value kinds]. One pass in topological order.
+        # See Note [value kinds]. One pass in topological order; a node that observes a write
+        # depends on the writer as on an input (Note [in-place writes]).
         for name in self.order:
             attrs = self.nx.nodes[name]
             kind = attrs["kind"]
@@ -155,7 +211,8 @@ class OpGraph:
             elif kind == "constant":
                 attrs["fresh"] = True
             elif kind == "op":
-                attrs["fresh"] = all(self.nx.nodes[p]["fresh"] for p in self.nx.predecessors(name))
+                deps = [*self.nx.predecessors(name), *self.observes(name)]
+                attrs["fresh"] = all(self.nx.nodes[p]["fresh"] for p in deps)
             else:
                 attrs["fresh"] = False
 

@@ -21,6 +21,13 @@ kinds] in :mod:`asyncdiff_partition.core.graph`:
 
 A fresh op that no stale op or output uses, directly or through other fresh ops, is placed
 nowhere, as the partitioner's cost model charges it nowhere.
+
+In-place writes (Note [in-place writes] in :mod:`~asyncdiff_partition.core.graph`) go with the
+nodes that observe them: a fresh write is recomputed by every segment that computes one of its
+observers, a stale one stays in the segment of its position, and a fresh write into a weight or
+buffer that nothing reads afterwards runs in the segment of its position. A placement that would
+separate a stale write from its observers is refused with :class:`SideEffectError`
+(Note [writes in segments] in :mod:`~asyncdiff_partition.core.effects`).
 """
 
 from __future__ import annotations
@@ -32,14 +39,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncdiff_partition.core import counters
+from asyncdiff_partition.core.effects import check_writes
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.graph import OUTPUT, OpGraph
 
-__all__ = ["Placement", "PlacementError", "SegmentPlacement", "check_boundaries", "place", "segment_inputs", "segment_of"]
+__all__ = ["Placement", "PlacementError", "SegmentPlacement", "SideEffectError", "check_boundaries", "place",
+           "segment_inputs", "segment_of"]
 
 
 class PlacementError(AsyncDiffError, ValueError):
     """Boundaries that do not cut this op graph into segments that each hold work of their own."""
+
+
+class SideEffectError(PlacementError):
+    """Boundaries that would separate an in-place write from the nodes that read its tensor afterwards."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class SegmentPlacement:
         receives: stale values it consumes that earlier segments produce.
         sends: values of its own that later segments consume.
         yields_output: whether it produces the model output.
+        cloned: received values and model inputs it writes into in place; its module works on
+            a copy of them (Note [writes in segments] in :mod:`~asyncdiff_partition.core.effects`).
     """
 
     index: int
@@ -68,6 +83,7 @@ class SegmentPlacement:
     receives: tuple[str, ...]
     sends: tuple[str, ...]
     yields_output: bool
+    cloned: tuple[str, ...] = ()
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -108,9 +124,14 @@ class Placement:
         return tuple(s.index for s in self.segments if value in s.receives)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"boundaries": list(self.boundaries), "n_nodes": self.n_nodes,
-                "segments": [{"placed": list(s.placed), "receives": list(s.receives), "sends": list(s.sends),
-                              "inputs": list(s.inputs), "replicated": list(s.replicated)} for s in self.segments]}
+        segments = []
+        for s in self.segments:
+            segment = {"placed": list(s.placed), "receives": list(s.receives), "sends": list(s.sends),
+                       "inputs": list(s.inputs), "replicated": list(s.replicated)}
+            if s.cloned:  # only where a segment writes in place: other digests stay as they were
+                segment["cloned"] = list(s.cloned)
+            segments.append(segment)
+        return {"boundaries": list(self.boundaries), "n_nodes": self.n_nodes, "segments": segments}
 
     def digest(self) -> str:
         """A short hash of what each segment holds, sends and receives (ranks compare it)."""
@@ -154,6 +175,8 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
 
     Raises:
         PlacementError: bad boundaries, or a segment that owns no stale op and not the output.
+        SideEffectError: the boundaries separate an in-place write from a node that reads its
+            tensor afterwards (the message names both, their modules, and the boundary to move).
     """
     bounds = check_boundaries(boundaries, len(graph))
     counters.count("placements")
@@ -163,24 +186,21 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
     used: list[set[str]] = [set() for _ in range(n_seg)]  # inputs, constants, fresh ops per segment
     received: list[set[str]] = [set() for _ in range(n_seg)]
     sent: list[set[str]] = [set() for _ in range(n_seg)]
+    unobserved = set(graph.writes) - {w for name in order for w in graph.observes(name)}
     k = 0
     for i, name in enumerate(order):
         while i >= bounds[k + 1]:
             k += 1
         attrs = nodes[name]
-        if attrs["kind"] == "input" or attrs["fresh"]:
+        if attrs["kind"] == "input":
+            continue
+        if attrs["fresh"]:
+            if name in unobserved and any(nodes[b]["kind"] == "constant" for b in graph.writes[name]):
+                used[k].add(name)  # a write into a weight is kept even when nothing in this call reads it
+                _gather(graph, name, k, owner, used, received, sent)
             continue
         owner[name] = k
-        stack = list(graph.nx.predecessors(name))
-        while stack:  # predecessors come first in the order: owned ones are already placed
-            value = stack.pop()
-            if value in owner:
-                if owner[value] != k:
-                    received[k].add(value)
-                    sent[owner[value]].add(value)
-            elif value not in used[k]:
-                used[k].add(value)
-                stack.extend(graph.nx.predecessors(value))
+        _gather(graph, name, k, owner, used, received, sent)
     holding = set(owner.values())
     for k in range(n_seg):
         if k not in holding:
@@ -193,6 +213,12 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
     def by_kind(names: set[str], kind: str) -> tuple[str, ...]:
         return tuple(n for n in order if n in names and nodes[n]["kind"] == kind)
 
+    computed = [{n for n, s in owner.items() if s == k} | {n for n in used[k] if nodes[n]["kind"] == "op"}
+                for k in range(n_seg)]
+    cloned, refusals = check_writes(graph, bounds, owner, computed, received)
+    if refusals:
+        more = f" ({len(refusals) - 1} more such write(s))" if len(refusals) > 1 else ""
+        raise SideEffectError(refusals[0].message(graph, bounds) + more)
     segments = []
     for k in range(n_seg):
         placed = tuple(n for n in order[bounds[k]:bounds[k + 1]] if owner.get(n) == k)
@@ -203,9 +229,27 @@ def place(graph: OpGraph, boundaries: Sequence[int]) -> Placement:
             receives=tuple(sorted(received[k], key=index.__getitem__)),
             sends=tuple(sorted(sent[k], key=index.__getitem__)),
             yields_output=any(nodes[n]["kind"] == "output" for n in placed),
+            cloned=tuple(n for n in order if n in cloned[k]),
         ))
     positions = {v: index[v] for s in segments for v in s.sends}
     return Placement(tuple(bounds), tuple(segments), owner, positions, len(graph))
+
+
+def _gather(graph: OpGraph, name: str, k: int, owner: dict[str, int], used: list[set[str]],
+            received: list[set[str]], sent: list[set[str]]) -> None:
+    """Everything segment ``k`` needs to compute ``name``: received stale values, and the inputs,
+    constants and fresh ops (with the fresh writes they observe) it computes itself."""
+    stack = [(p, True) for p in graph.nx.predecessors(name)] + [(w, False) for w in graph.observes(name)]
+    while stack:  # predecessors come first in the order: owned ones are already placed
+        value, is_data = stack.pop()
+        if value in owner:
+            if owner[value] != k and is_data:  # an observed stale write elsewhere: core.effects decides
+                received[k].add(value)
+                sent[owner[value]].add(value)
+        elif value not in used[k]:
+            used[k].add(value)
+            stack.extend((p, True) for p in graph.nx.predecessors(value))
+            stack.extend((w, False) for w in graph.observes(value))
 
 
 def segment_inputs(graph: OpGraph, boundaries: Sequence[int]) -> list[dict[str, int]]:

@@ -13,12 +13,11 @@ placeholder is which model argument and which one is the latent.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import keyword
-import os
 import re
-import traceback
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.fx.failures import describe_failure
 from asyncdiff_partition.fx.pickling import dump_graph, load_graph
 
 __all__ = [
@@ -206,7 +206,7 @@ def capture_model(
                 if verify:
                     _verify(gm, model, example, specs, treespec, constants, seed)
         except Exception as error:  # noqa: BLE001 - each failure is reported in CaptureError
-            attempts.append((method, _describe(error)))
+            attempts.append((method, describe_failure(error, model)))
             continue
         return CapturedModel(
             graph_module=gm, inputs=specs, method=method, example=example, attempts=attempts,
@@ -258,8 +258,34 @@ def _trace_fx(wrapper: _FlatCall, example: list[torch.Tensor]) -> torch.fx.Graph
     return torch.fx.symbolic_trace(wrapper)
 
 
+@contextlib.contextmanager
+def _data_as_detach() -> Iterator[None]:
+    """While tracing, ``tensor.data`` reads as ``tensor.detach()``.
+
+    Non-strict export cannot follow ``.data``: the tensor it returns is untracked, and export
+    stops at it as a fake constant (diffusers' CogVideoX builds positional embeddings for a new
+    size with ``joint.data[:, n:].copy_(pos)``). Under ``no_grad`` the two name the same tensor
+    (same storage, same values), and ``detach`` is an op the tracer records, writes through it
+    included. ``.data`` is a C attribute that no torch-function mode sees, so the property is
+    shadowed on ``torch.Tensor`` for the trace and restored after; setting ``.data`` is unchanged.
+    Verification against eager still guards the result.
+    """
+    setter = vars(torch._C.TensorBase)["data"].__set__
+    had = "data" in vars(torch.Tensor)
+    previous = vars(torch.Tensor).get("data")
+    setattr(torch.Tensor, "data", property(lambda self: self.detach(), setter))  # noqa: B010 - a class attribute
+    try:
+        yield
+    finally:
+        if had:
+            setattr(torch.Tensor, "data", previous)  # noqa: B010
+        else:
+            delattr(torch.Tensor, "data")
+
+
 def _trace_export(wrapper: _FlatCall, example: list[torch.Tensor]) -> torch.fx.GraphModule:
-    program = torch.export.export(wrapper, tuple(example), strict=False)
+    with _data_as_detach():
+        program = torch.export.export(wrapper, tuple(example), strict=False)
     gm = program.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward(*tensors)
     for node in gm.graph.find_nodes(op="output"):
@@ -409,33 +435,11 @@ def _pick_latent(paths: list[str], latent: str | None) -> str:
 
 # --- error reporting -------------------------------------------------------------------------
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
 _HINTS = {
     "fx": "symbolic_trace cannot follow Python control flow on tensor values or iterate tensors",
     "export": "torch.export needs shape-static code: replace data-dependent branches with tensor "
     "ops (torch.where) or make the value a non-tensor argument",
 }
-
-
-def _describe(error: BaseException) -> str:
-    message = " ".join(str(error).split()) or type(error).__name__
-    if len(message) > 300:
-        message = message[:297] + "..."
-    where = _model_source_line(error)
-    return f"{type(error).__name__}: {message}" + (f" [at {where}]" if where else "")
-
-
-def _model_source_line(error: BaseException) -> str | None:
-    """The deepest traceback frame outside torch and this package: where the model broke."""
-    frames = traceback.extract_tb(error.__traceback__)
-    for frame in reversed(frames):
-        filename = frame.filename
-        if filename.startswith((_TORCH_DIR, _OWN_DIR)) or filename.startswith("<"):
-            continue
-        code = (frame.line or "").strip()
-        return f"{filename}:{frame.lineno} in {frame.name}: {code}"
-    return None
 
 
 def _failure_message(model_name: str, attempts: list[tuple[str, str]]) -> str:

@@ -9,7 +9,8 @@ Example::
 
 The pass that sizes the values (:class:`TensorMetaProp`) also records each value's
 :class:`~asyncdiff_partition.fx.layout.ValueLayout` under ``node.meta[META_KEY]``, so the
-layouts a rank allocates its receive buffers from cost no second pass.
+layouts a rank allocates its receive buffers from cost no second pass, and the in-place writes
+the op graph keeps with their readers (:mod:`~asyncdiff_partition.fx.effects`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.graph import OpGraph
 from asyncdiff_partition.fx.capture import MODULE_KEY, CapturedModel
+from asyncdiff_partition.fx.effects import StorageTracker, private_copy
 from asyncdiff_partition.fx.layout import ValueLayout
 
-__all__ = ["META_KEY", "TensorMetaProp", "build_op_graph", "shaped_op_graph", "value_bytes", "value_layouts"]
+__all__ = ["META_KEY", "TensorMetaProp", "build_op_graph", "shaped_op_graph", "shaped_pass", "traced_op_graph",
+           "value_bytes", "value_layouts"]
 
-META_KEY = "asyncdiff"  # node.meta[META_KEY]: {"bytes", "shapes", "dtypes", "layout"} of the node's value
+META_KEY = "asyncdiff"  # node.meta[META_KEY]: {"bytes", "shapes", "dtypes", "layout", "storage", "writes"}
 REAL_PASS_BYTES = 64 * 2**20  # see shaped_op_graph
 
 _KINDS = {"placeholder": "input", "get_attr": "constant", "output": "output"}
@@ -39,9 +42,24 @@ def value_bytes(value: Any) -> int:
 
 
 class TensorMetaProp(torch.fx.Interpreter):
-    """Runs the graph once and records each node's output size under ``node.meta[META_KEY]``."""
+    """Runs the graph once and records each node's output size, and the storages it lives in
+    and writes (:class:`~asyncdiff_partition.fx.effects.StorageTracker`), under ``node.meta[META_KEY]``.
+
+    ``result`` is the graph's output once :meth:`run` has returned.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.storages = StorageTracker()
+        self.result: Any = None
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.result = super().run(*args, **kwargs)
+        return self.result
 
     def run_node(self, node: torch.fx.Node) -> Any:
+        inputs = {n: self.env[n] for n in node.all_input_nodes}
+        snapshot = self.storages.before(inputs)
         result = super().run_node(node)
         tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
         node.meta[META_KEY] = {
@@ -49,6 +67,7 @@ class TensorMetaProp(torch.fx.Interpreter):
             "shapes": [list(t.shape) for t in tensors],
             "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
             "layout": ValueLayout.of(result),
+            **self.storages.after(node, inputs, result, snapshot),
         }
         return result
 
@@ -63,9 +82,25 @@ def build_op_graph(captured: CapturedModel, inputs: list[torch.Tensor] | None = 
     Returns:
         An :class:`~asyncdiff_partition.core.graph.OpGraph` whose node names are the fx node names.
     """
+    return traced_op_graph(captured, inputs)[0]
+
+
+def traced_op_graph(captured: CapturedModel, inputs: list[torch.Tensor] | None = None) -> tuple[OpGraph, Any]:
+    """:func:`build_op_graph`, and the captured graph's output from the same pass.
+
+    The inputs are copied first (:func:`~asyncdiff_partition.fx.effects.private_copy`): a model
+    that writes into its inputs in place leaves the capture's example as it was.
+    """
     gm = captured.graph_module
+    prop = TensorMetaProp(gm)
     with torch.no_grad():
-        TensorMetaProp(gm).run(*(inputs if inputs is not None else captured.example))
+        prop.run(*[private_copy(t) for t in (inputs if inputs is not None else captured.example)])
+    return _op_graph(captured), prop.result
+
+
+def _op_graph(captured: CapturedModel) -> OpGraph:
+    """The op graph from the facts the last :class:`TensorMetaProp` pass recorded."""
+    gm = captured.graph_module
     latent = captured.latent.name
     owner = _first_consumers(gm)
     nodes: list[dict[str, Any]] = []
@@ -88,7 +123,11 @@ def build_op_graph(captured: CapturedModel, inputs: list[torch.Tensor] | None = 
             }
         )
         edges.extend((src.name, node.name) for src in node.all_input_nodes)
-    return OpGraph.from_nodes(nodes, edges)
+    metas = {node.name: node.meta[META_KEY] for node in gm.graph.nodes}
+    writes = {name: meta["writes"] for name, meta in metas.items() if meta["writes"]}
+    written = {base for bases in writes.values() for base in bases}
+    storage = {name: tuple(b for b in meta["storage"] if b in written) for name, meta in metas.items()}
+    return OpGraph.from_nodes(nodes, edges, storage=storage, writes=writes)
 
 
 def shaped_op_graph(captured: CapturedModel) -> OpGraph:
@@ -98,6 +137,12 @@ def shaped_op_graph(captured: CapturedModel) -> OpGraph:
     node; a model with under :data:`REAL_PASS_BYTES` of weights computes faster than that, so
     it runs for real. A graph that fake tensors cannot run (data-dependent shapes) runs for real.
     """
+    return shaped_pass(captured)[0]
+
+
+def shaped_pass(captured: CapturedModel) -> tuple[OpGraph, Any]:
+    """:func:`shaped_op_graph`, and the captured graph's output on the example inputs when the
+    pass ran for real (None when it ran on fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     gm = captured.graph_module
@@ -105,10 +150,10 @@ def shaped_op_graph(captured: CapturedModel) -> OpGraph:
     if sum(weights.values()) >= REAL_PASS_BYTES:
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                return build_op_graph(captured, [mode.from_tensor(t) for t in captured.example])
+                return build_op_graph(captured, [mode.from_tensor(t) for t in captured.example]), None
         except Exception:  # noqa: BLE001 - any failure: fall back to the real thing
             pass
-    return build_op_graph(captured)
+    return traced_op_graph(captured)
 
 
 def value_layouts(captured: CapturedModel, names: Iterable[str]) -> dict[str, ValueLayout]:

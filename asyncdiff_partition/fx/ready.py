@@ -8,9 +8,14 @@ Example::
 The op graph is built once (on fake tensors for a large model,
 :func:`~asyncdiff_partition.fx.opgraph.shaped_op_graph`); the same pass records the layout of every
 value, so the checks, the placement, the split and the layouts cost one pass over the graph.
+With ``verify`` (the default) the chained segments must reproduce the captured graph's output
+(:func:`~asyncdiff_partition.fx.split.verify_segments`): where that pass runs for real its output
+is the reference and the check costs one more forward; on fake tensors, two.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from asyncdiff_partition.core.graph import OUTPUT, OpGraph
 from asyncdiff_partition.core.placement import Placement, place
@@ -19,8 +24,8 @@ from asyncdiff_partition.core.profile import fingerprint
 from asyncdiff_partition.core.validation import check_plan_graph
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.layout import ReadySegment
-from asyncdiff_partition.fx.opgraph import shaped_op_graph, value_layouts
-from asyncdiff_partition.fx.split import Segment, split_graph
+from asyncdiff_partition.fx.opgraph import shaped_pass, value_layouts
+from asyncdiff_partition.fx.split import Segment, seeded, split_graph, verify_segments
 
 __all__ = ["check_plan", "checked_op_graph", "ready_segments", "ready_from_split"]
 
@@ -39,12 +44,20 @@ def checked_op_graph(captured: CapturedModel, plan: Plan, world_size: int | None
         PlanError: the world size is not N + stride - 1, or the plan's model fingerprint
             (graph structure, sizes and input shapes, as the profile computed it) differs.
     """
+    return _checked(captured, plan, world_size, stride)[0]
+
+
+def _checked(captured: CapturedModel, plan: Plan, world_size: int | None,
+             stride: int | None) -> tuple[OpGraph, Any]:
+    """:func:`checked_op_graph`, and the graph's output where the pass ran for real (seeded as
+    :func:`~asyncdiff_partition.fx.split.verify_segments` seeds its runs)."""
     if world_size is not None:
         plan.check_world_size(world_size, stride)
-    graph = shaped_op_graph(captured)
+    with seeded(captured.example):
+        graph, output = shaped_pass(captured)
     specs = [s.to_dict() for s in captured.inputs]  # exactly as profile_model records them
     plan.check_fingerprint(fingerprint(graph, specs), specs=specs, n_nodes=len(graph))
-    return graph
+    return graph, output
 
 
 def check_plan(captured: CapturedModel, plan: Plan, world_size: int, *, stride: int | None = None) -> None:
@@ -64,17 +77,28 @@ def ready_from_split(captured: CapturedModel, placement: Placement, segments: li
 
 
 def ready_segments(captured: CapturedModel, plan: Plan, *, world_size: int | None = None,
-                   stride: int | None = None, plan_path: str | None = None) -> list[ReadySegment]:
+                   stride: int | None = None, plan_path: str | None = None,
+                   verify: bool = True) -> list[ReadySegment]:
     """Check ``plan`` against ``captured``, place and split it: one ready segment per segment.
 
     With ``plan_path`` (the file the plan was loaded from), its segments' ``receives`` must also
     be what crosses the cuts in this graph (an in-memory plan's are the caller's business).
 
+    Args:
+        verify: run the segments chained on the capture's example call and compare with the
+            captured graph (:func:`~asyncdiff_partition.fx.split.verify_segments`; one extra
+            forward). Turn off only where these segments were verified already.
+
     Raises:
         PlanError: see :func:`checked_op_graph`; or receives that do not fit.
+        SideEffectError: the plan's boundaries separate an in-place write from its readers.
+        SplitError: the chained segments differ from the captured graph.
     """
-    graph = checked_op_graph(captured, plan, world_size, stride=stride)
+    graph, output = _checked(captured, plan, world_size, stride)
     placement = place(graph, plan.boundaries)
     if plan_path is not None:  # a plan file is well-formed on load; here it must also fit this graph
         check_plan_graph(plan, graph, plan_path, placement=placement)
-    return ready_from_split(captured, placement, split_graph(captured, placement), plan.fingerprint)
+    segments = split_graph(captured, placement)
+    if verify:
+        verify_segments(captured, segments, expected=output)
+    return ready_from_split(captured, placement, segments, plan.fingerprint)
