@@ -35,10 +35,11 @@ from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.device_move import move_captured
 from asyncdiff_partition.fx.weights import release_weights
 from asyncdiff_partition.pipelines import zoo
+from asyncdiff_partition.pipelines.compiler import whole_batch
 from asyncdiff_partition.pipelines.offline import BuiltPipeline, build_pipeline, capture_for_pipeline
-from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, scheduled, wrap_pipeline
+from asyncdiff_partition.pipelines.wrap import ScheduledDenoiser, call_binding, scheduled, wrap_pipeline
 
-__all__ = ["TorchBackend", "default_guidance", "is_hybrid", "whole_batch"]
+__all__ = ["TorchBackend", "default_guidance"]
 
 
 @dataclass
@@ -93,23 +94,19 @@ class TorchBackend:
         """Builds the same pipeline as every other rank around the shipped model (weights of
         other segments are stand-ins), runs it with this rank's AsyncDenoiser in place of the
         denoiser and keeps only this rank's weights (:func:`release_weights`)."""
-        from asyncdiff_partition.core.schedule import n_slots, slot_segment
         from asyncdiff_partition.runtime import comm
-        from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
-        from asyncdiff_partition.runtime.hybrid import HybridDenoiser
+        from asyncdiff_partition.runtime.hybrid import rank_denoiser, rank_segment_index
 
         rank, device = comm.rank(), comm.device()
-        slot = rank % n_slots(plan.n_devices, settings.stride)  # the rank within its batch group
-        segment, shell = shipped.load(slot_segment(slot, plan.n_devices))
+        segment, shell = shipped.load(rank_segment_index(plan, rank, settings.stride))
         built, shell, images = _prepare(config, plan, device=device, captured=shell)
         options: dict[str, Any] = dict(input_names=[s.name for s in shell.inputs], latent=shell.latent.name, warmup=settings.warmup,
                        stride=settings.stride, timestep_input="timestep", timeout_s=config.timeout_s,
                        compile=config.compile, example=dict(zip((s.name for s in shell.inputs), shell.example)))
-        denoiser: Any = HybridDenoiser(segment, plan, **options) if is_hybrid(plan) else AsyncDenoiser(segment, plan,
-                                                                                                          **options)
-        wrap_pipeline(built.pipe, denoiser, whole_batch(_inputs_only(shell), plan.batch_parallel))
+        denoiser = rank_denoiser(segment, plan, **options)
+        wrap_pipeline(built.pipe, denoiser, whole_batch(call_binding(shell), plan.batch_parallel))
+        module = segment.module
         del shell, segment, shipped
-        module = (denoiser.inner if isinstance(denoiser, HybridDenoiser) else denoiser)._segment.module
         assert isinstance(module, torch.nn.Module)
         kept = release_weights(built.model, module)  # the only weights this rank needs
         result = _sample(config, built, denoiser, rank=rank, steps=settings.steps, images=images)
@@ -142,28 +139,6 @@ def _prepare(
     if captured is None:
         captured = capture_for_pipeline(built, batch=batch, sample_size=size, verify=verify)
     return built, captured, images
-
-
-def is_hybrid(plan: Any) -> bool:
-    """Whether a plan runs as batch groups or with a switching policy (runtime.hybrid)."""
-    return bool(plan.batch_parallel > 1 or plan.phases is not None)
-
-
-def whole_batch(captured: CapturedModel, batch_parallel: int) -> CapturedModel:
-    """The capture of one batch group (batch / B rows) as the pipeline calls it: the batch inputs
-    (leading dimension that of the latent, Note [batch slices]) with B times the rows."""
-    if batch_parallel == 1:
-        return captured
-    rows = captured.latent.shape[0]
-    inputs = [replace(spec, shape=(spec.shape[0] * batch_parallel, *spec.shape[1:]))
-              if spec.shape and spec.shape[0] == rows else spec for spec in captured.inputs]
-    return replace(captured, inputs=inputs)
-
-
-def _inputs_only(captured: CapturedModel) -> CapturedModel:
-    """The capture without its graph and examples: what ScheduledDenoiser needs to bind calls."""
-    empty = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
-    return replace(captured, graph_module=empty, example=[])
 
 
 def _sample(config: RunConfig, built: BuiltPipeline, denoiser: Any, *, rank: int, steps: int,

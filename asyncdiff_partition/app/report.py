@@ -14,7 +14,6 @@ one clock shared by the ranks of a node (``time.perf_counter``).
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from asyncdiff_partition.core.files import read_json, write_json_atomic
 from asyncdiff_partition.core.summary import format_bytes
+from asyncdiff_partition.runtime.memory import peak_resident_bytes, resident_bytes
 
 __all__ = [
     "SCHEMA_VERSION", "format_run", "load_report", "peak_resident_bytes", "resident_bytes", "summarize_steps",
@@ -33,30 +33,6 @@ StepRow = dict[str, Any]
 PerRank = Mapping[int, Sequence[StepRow]] | Sequence[Sequence[StepRow]]
 
 _PARTS = ("compute_ms", "wait_ms", "comm_ms")
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory now (Linux ``/proc``; None elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as file:
-            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_resident_bytes() -> int | None:
-    """This process's peak resident memory so far (Linux ``VmHWM``; None elsewhere).
-
-    Not ``ru_maxrss``: a spawned worker inherits its parent's through ``execve``.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as file:
-            for line in file:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _by_rank(per_rank: PerRank) -> dict[int, list[StepRow]]:

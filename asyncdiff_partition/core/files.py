@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from asyncdiff_partition.core.errors import AsyncDiffError
 
-__all__ = ["FileFormatError", "read_json", "write_atomic", "write_json_atomic"]
+__all__ = ["FileFormatError", "atomic_path", "read_json", "write_atomic", "write_json_atomic"]
 
 
 class FileFormatError(AsyncDiffError, ValueError):
@@ -51,6 +53,28 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to (by a writer that takes a path, ``torch.save``); renamed
+    to ``path`` when the block ends without an error, removed otherwise. The folder is created.
+
+    Example::
+
+        with atomic_path("run/segment0.pt") as tmp:
+            torch.save(obj, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from asyncdiff_partition.core.files import atomic_path
 from asyncdiff_partition.fx.capture import CapturedModel, pack_captured, resolve_attr, restore_captured
 from asyncdiff_partition.fx.layout import ReadySegment
 from asyncdiff_partition.fx.pickling import is_stand_in
@@ -69,7 +70,7 @@ def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike
 
     Args:
         segments: the ready segments of one plan, in order.
-        directory: an existing folder.
+        directory: the folder (created if missing); every file is written whole or not at all.
         captured: the capture the segments were made from. A torch capture ships as a shell
             around each segment's module with only that segment's weights (Note [weight
             stand-ins]); anything else (an ONNX model's input specs) ships as it is, beside
@@ -78,7 +79,8 @@ def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike
     shipped = ShippedSegments(str(directory), len(segments))
     if not isinstance(captured, CapturedModel):
         for segment in segments:
-            torch.save({"segment": segment, "shell": captured}, shipped.path(segment.index))
+            with atomic_path(shipped.path(segment.index)) as tmp:
+                torch.save({"segment": segment, "shell": captured}, tmp)
         return shipped
     weights = _weights(captured.graph_module) | _weights(captured.model)
     for segment in segments:
@@ -87,7 +89,8 @@ def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike
         shell = dataclasses.replace(captured, graph_module=module)
         graph, tensors = pack_captured(shell, stand_ins=weights - _weights(module))
         fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(segment) if f.name != "module"}
-        torch.save({"graph": graph, "tensors": tensors, "segment": fields}, shipped.path(segment.index))
+        with atomic_path(shipped.path(segment.index)) as tmp:
+            torch.save({"graph": graph, "tensors": tensors, "segment": fields}, tmp)
     return shipped
 
 

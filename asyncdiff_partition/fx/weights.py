@@ -13,7 +13,7 @@ import torch
 
 from asyncdiff_partition.fx.pickling import is_stand_in
 
-__all__ = ["release_weights"]
+__all__ = ["release_named", "release_weights"]
 
 
 def release_weights(model: torch.nn.Module, keep: torch.nn.Module, used: Set[int] | None = None) -> int:
@@ -43,3 +43,27 @@ def release_weights(model: torch.nn.Module, keep: torch.nn.Module, used: Set[int
                 is_param = isinstance(t, torch.nn.Parameter)
                 store[name] = torch.nn.Parameter(empty, requires_grad=False) if is_param else empty  # type: ignore[assignment]
     return kept
+
+
+def release_named(model: torch.nn.Module, names: Set[str]) -> int:
+    """Swap the named parameters and buffers of ``model`` for stand-ins (their values came to this rank in
+    its shipped segments); returns the bytes released.
+
+    Example:
+        >>> release_named(pipe.unet, {"conv_in.weight", "conv_in.bias"})  # doctest: +SKIP
+    """
+    released = 0
+    for name in names:
+        owner_path, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        for store in (owner._parameters, owner._buffers):
+            t = store.get(leaf)
+            if t is None or t.device.type == "meta" or is_stand_in(t):
+                continue
+            released += t.numel() * t.element_size()
+            empty = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+            store[leaf] = torch.nn.Parameter(empty, requires_grad=False) if isinstance(t, torch.nn.Parameter) else empty  # type: ignore[assignment]
+    return released

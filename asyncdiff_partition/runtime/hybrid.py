@@ -42,14 +42,33 @@ from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
 from asyncdiff_partition.runtime.groups import make_groups
 from asyncdiff_partition.runtime.policy import PhasePolicy, check_phases
 
-__all__ = ["HybridDenoiser", "segment_for_hybrid_rank"]
+__all__ = ["HybridDenoiser", "is_hybrid", "rank_denoiser", "rank_segment_index", "segment_for_hybrid_rank"]
+
+
+def is_hybrid(plan: Plan) -> bool:
+    """Whether a plan runs as batch groups or with a switching policy (:class:`HybridDenoiser`)."""
+    return bool(plan.batch_parallel > 1 or plan.phases is not None)
+
+
+def rank_segment_index(plan: Plan, rank: int, stride: int | None = None) -> int:
+    """The segment rank ``rank`` runs: its slot within its batch group; the stride-2 extra slot runs the last."""
+    return slot_segment(rank % n_slots(plan.n_devices, plan.stride if stride is None else stride), plan.n_devices)
+
+
+def rank_denoiser(segment: ReadySegment, plan: Plan, **options: Any) -> AsyncDenoiser | HybridDenoiser:
+    """The step denoiser of one rank, for any plan: the one factory of plain and batch-group ranks.
+
+    ``options`` are :class:`~asyncdiff_partition.runtime.denoiser.AsyncDenoiser`'s keywords.
+    """
+    if is_hybrid(plan):
+        return HybridDenoiser(segment, plan, **options)
+    return AsyncDenoiser(segment, plan, **options)
 
 
 def segment_for_hybrid_rank(segments: Sequence[ReadySegment], plan: Plan, rank: int | None = None,
                             stride: int | None = None) -> ReadySegment:
     """This rank's segment under a hybrid plan: its slot within its batch group (module docstring)."""
-    slot = (comm.rank() if rank is None else rank) % n_slots(plan.n_devices, plan.stride if stride is None else stride)
-    return segments[slot_segment(slot, len(segments))]
+    return segments[rank_segment_index(plan, comm.rank() if rank is None else rank, stride)]
 
 
 class HybridDenoiser:
@@ -88,6 +107,7 @@ class HybridDenoiser:
         compile: bool = False,
         batch_parallel: int | None = None,
         branches: int | None = None,
+        stream: int = 0,
     ):
         self.batch_parallel = plan.batch_parallel if batch_parallel is None else batch_parallel
         stride = plan.stride if stride is None else stride
@@ -102,12 +122,25 @@ class HybridDenoiser:
         self.inner = AsyncDenoiser(segment, plan, input_names=input_names, latent=latent, warmup=warmup,
                                    stride=stride, time_shift=time_shift, timestep_input=timestep_input,
                                    timeout_s=timeout_s, example=example, compile=compile, group=self.groups.group,
-                                   phases=self.policy)
+                                   phases=self.policy, stream=stream)
         self._gather_bytes: list[int] = []
 
     @property
     def rank(self) -> int:
         return comm.rank()
+
+    @property
+    def warmup(self) -> int:
+        """W; may be changed between runs (takes effect at :meth:`reset`)."""
+        return self.inner.warmup
+
+    @warmup.setter
+    def warmup(self, warmup: int) -> None:
+        self.inner.warmup = self.policy.warmup = warmup
+
+    def abandon(self) -> None:
+        """End the current run where it is (every rank must)."""
+        self.inner.abandon()
 
     @property
     def phases(self) -> dict[str, Any]:
