@@ -100,8 +100,12 @@ class PlanBook:
                            plan=self.plan_path, cache_dir=self.cache_dir, steps=self.steps,
                            latency_slack=config.latency_slack, extrapolation=config.extrapolation)
         if config.groups > 1 or config.phases is not None:
-            plan = replace(plan, batch_parallel=config.groups, phases=None if config.phases is None else dict(config.phases),
-                           world_size=world_size(plan.n_devices, plan.stride, config.groups))
+            b = config.groups  # each group runs 1 / B of the batch: the plan was made for that slice
+            predicted = dict(plan.predicted, speedup=plan.predicted["speedup"] * b,
+                             ideal_speedup=plan.predicted["ideal_speedup"] * b,
+                             full_sequential_step_ms=plan.predicted["sequential_step_ms"] * b)
+            plan = replace(plan, batch_parallel=b, phases=None if config.phases is None else dict(config.phases),
+                           world_size=world_size(plan.n_devices, plan.stride, b), predicted=predicted)
         return plan
 
 
