@@ -318,7 +318,7 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
 
     if prompt is not None or image is not None:
         _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
-                      out_dir, reference, timeout_s)
+                      out_dir, reference, timeout_s, trace_path, nproc, oversubscribe, compile_)
         return
     if plan_path is None:
         from asyncdiff_partition.app.pipeline_job import PipelineJobError
@@ -355,25 +355,34 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
 
 
 def _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
-                  out_dir, reference, timeout_s) -> None:
+                  out_dir, reference, timeout_s, trace_path, nproc, oversubscribe, compile_) -> None:
     from asyncdiff_partition.app.pipeline_job import PipelineJobError, PipelineRun, run_pipeline
+    from asyncdiff_partition.core.config import ParallelConfig
+    from asyncdiff_partition.core.plan import Plan
 
     if model_spec is None:
         raise PipelineJobError("--prompt needs --model PIPELINE_DIR (a folder written by the pipeline's "
                                "save_pretrained); add --model")
-    config = PipelineRun(model=model_spec, prompt=prompt, image=image, devices=devices, plan=plan_path, size=size,
-                         steps=steps, guidance=guidance, warmup=1 if warmup is None else warmup,
-                         stride=int(stride or 1), seed=seed, out_dir=out_dir, reference=reference,
-                         threads=ctx.parent.params.get("threads"), timeout_s=timeout_s, progress=True)
+    if devices is None and plan_path is not None:
+        loaded = Plan.load(plan_path)
+        devices = loaded.world_size
+    parallel = ParallelConfig(devices=devices or 2, stride=int(stride or 1), warmup=1 if warmup is None else warmup,
+                              timeout_s=timeout_s, compile=compile_, threads=ctx.parent.params.get("threads")).checked()
+    config = PipelineRun(model=model_spec, prompt=prompt, image=image, plan=plan_path, size=size, steps=steps,
+                         guidance=guidance, seed=seed, out_dir=out_dir, reference=reference, trace=trace_path,
+                         nproc=nproc, oversubscribe=oversubscribe, progress=True, parallel=parallel)
     result = run_pipeline(config)
-    if "pipeline" in result:
-        click.echo(f"{result['pipeline']}: {result['denoiser']} ({result['dtype']}, latent "
-                   f"{'x'.join(map(str, result['latent_shape']))}) split at {result['boundaries']}; "
-                   f"sampling took {result['wall_s']:.2f} s")
-    for path in result.get("images", []) + result.get("frames", []) + result.get("videos", []):
+    if "pipeline" not in result:
+        return  # a rank other than 0 of an outside launch
+    setup = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result["setup"].items())
+    click.echo(f"{result['pipeline']}: set-up {setup}; sampling {result['wall_s']:.2f} s")
+    for line in result["denoisers"]:
+        click.echo(f"  {line}")
+    for path in result.get("images", []) + result.get("frames", []) + result.get("videos", []) + result.get("plans", []):
         click.echo(f"wrote {path}")
-    if result.get("plan") and not plan_path:
-        click.echo(f"wrote {result['plan']}")
+    click.echo(f"wrote {result['report']}")
+    if result.get("trace"):
+        click.echo(f"wrote {result['trace']}")
 
 
 @main.command("export-onnx")

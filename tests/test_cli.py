@@ -248,19 +248,48 @@ def pipeline_folders(tmp_path_factory):
     return root
 
 
-def test_run_a_saved_pipeline_with_a_prompt_on_two_ranks(run, pipeline_folders, tmp_path, monkeypatch):
+def test_run_a_saved_pipeline_with_a_prompt_on_two_ranks_equals_its_reference(run, pipeline_folders, tmp_path,
+                                                                                monkeypatch):
+    """The one run path: set-up here, 2 engine ranks sample, report.json and trace written; the same run
+    as the single-process reference schedule (same cached profile, same plan) gives the same image."""
     from PIL import Image
 
+    from asyncdiff_partition.app.report import load_report
     from asyncdiff_partition.core.plan import Plan
 
     monkeypatch.setenv("ASYNCDIFF_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "out"
-    result = run("run", "--model", str(pipeline_folders / "sd"), "--prompt", "a red cube", "--devices", "2",
-                 "--steps", "8", "--out", str(out))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    common = ["--model", str(pipeline_folders / "sd"), "--prompt", "a red cube", "--steps", "8"]
+    result = run("run", *common, "--reference", "--out", str(ref))
     assert result.exit_code == 0, result.output
-    assert "StableDiffusionPipeline: unet (float32, latent 2x4x16x16)" in result.output
-    assert Image.open(out / "image-0.png").size == (32, 32)  # the pipeline's own default size
+    result = run("run", *common, "--devices", "2", "--out", str(out), "--trace", str(tmp_path / "trace.json"))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("StableDiffusionPipeline: set-up load ") and "spawn" in result.output
+    assert "unet: 1 call(s) per step" in result.output and "sampling" in result.output
+    image = Image.open(out / "image-0.png")
+    assert image.size == (32, 32)  # the pipeline's own default size
+    assert image.tobytes() == Image.open(ref / "image-0.png").tobytes()  # 2 ranks = the reference schedule
     assert Plan.load(out / "plan.json").n_devices == 2 and f"wrote {out / 'plan.json'}" in result.output
+    report = load_report(out / "report.json")
+    assert report["meta"]["mode"] == "engine" and {r["rank"] for r in report["ranks"]} == {0, 1}
+    assert set(report["meta"]["setup_s"]) >= {"load_s", "prepare_s", "record_s", "compile_s", "ship_s", "spawn_s"}
+    assert all(m["peak_rss"] for m in report["meta"]["memory"].values())
+    assert (tmp_path / "trace.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nproc", "3"], "--nproc 3 but the run has 2 ranks"),
+    (["--devices", "3"], "the run needs 3 processes but this machine has"),
+    (["--stride", "3"], "Invalid value for '--stride'"),
+    (["--devices", "2", "--stride", "2", "--warmup", "-1"], "Invalid value for '--warmup'"),
+])
+def test_pipeline_run_options_are_honoured_or_refused_in_one_line(run, pipeline_folders, tmp_path, extra, message,
+                                                                   monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    out = tmp_path / "out"
+    result = run("run", "--model", str(pipeline_folders / "sd"), "--prompt", "a red cube", "--out", str(out), *extra)
+    assert result.exit_code != 0 and message in result.output
+    assert not out.exists()
 
 
 def test_run_a_controlnet_folder_with_an_image(run, pipeline_folders, tmp_path, monkeypatch):
@@ -271,7 +300,7 @@ def test_run_a_controlnet_folder_with_an_image(run, pipeline_folders, tmp_path, 
     result = run("run", "--model", str(pipeline_folders / "controlnet"), "--prompt", "a red cube", "--image",
                  str(pipeline_folders / "edges.png"), "--devices", "2", "--steps", "8", "--size", "16", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert "StableDiffusionControlNetPipeline: unet" in result.output
+    assert result.output.startswith("StableDiffusionControlNetPipeline: set-up") and "  unet: 1 call(s)" in result.output
     assert Image.open(out / "image-0.png").size == (16, 16)
 
 

@@ -33,7 +33,7 @@ def test_bf16_weights_stay_bf16_and_run_on_cpu(bf16_folder, tmp_path, monkeypatc
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16  # diffusers alone gives float32
     result = run_pipeline(PipelineRun(model=str(bf16_folder), prompt="a red cube", size=16, steps=2, reference=True,
                                       out_dir=str(tmp_path / "out")))
-    assert result["dtype"] == "bfloat16" and result["latent_shape"] == [2, 4, 8, 8]
+    assert "unet: 1 call(s) per step" in result["denoisers"][0]
     pixels = np.asarray(Image.open(result["images"][0]))
     assert pixels.shape == (16, 16, 3) and pixels.std() > 0
 

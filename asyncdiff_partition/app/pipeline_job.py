@@ -1,37 +1,36 @@
-"""The ``run --model PIPELINE_DIR --prompt TEXT`` command: a saved diffusers pipeline, parallelized on its ranks.
+"""The ``run --model PIPELINE_DIR --prompt TEXT`` command: a saved diffusers pipeline, parallelized on persistent ranks.
 
 Example::
 
-    result = run_pipeline(PipelineRun(model="sd-tiny", prompt="a red cube", devices=2, steps=8))
-    result["images"], result["plan"]          # PNGs written by rank 0, the plan the ranks used
+    result = run_pipeline(PipelineRun(model="sd-tiny", prompt="a red cube", steps=8,
+                                      parallel=ParallelConfig(devices=2)))
+    result["images"], result["report"], result["setup"]      # files written, set-up timings
 
-The folder's own pipeline class is loaded (``DiffusionPipeline.from_pretrained(dir,
-local_files_only=True)``) with every component in the dtype it was saved in. Everything the ranks
-would trip on is found here first (:func:`prepare_pipeline_run`): options the pipeline does not
-take, a dry run of the real call (missing inputs, sizes, dtypes the device cannot run), the
-capture, a plan of another model or shape, the world size. Then every rank (spawned by
-:func:`~asyncdiff_partition.runtime.launch.launch`, or one rank of an outside ``torchrun``) loads the
-pipeline, calls :func:`~asyncdiff_partition.pipelines.parallelize.parallelize` with the plan made
-here and samples; rank 0 writes the pipeline's own output (images; video frames as PNGs and an
-animated GIF).
+The folder's own pipeline class is loaded here (every component in the dtype it was saved in) and
+parallelized (:func:`~asyncdiff_partition.pipelines.parallelize.parallelize`): the engine's ranks
+load it from the folder, this process records, captures, plans and splits the call and hands each
+rank its finished segment, and rank 0's output comes back and is written here (images; video
+frames as PNGs and an animated GIF), with ``report.json`` (per rank and step: compute, waits,
+bytes; set-up timings; memory) and, with ``trace``, a Chrome trace. Everything that can be checked
+before a rank starts is (options the pipeline does not take, devices, the output folder, temp
+space). Under an outside ``torchrun`` every rank runs this and rank 0 writes.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from asyncdiff_partition.core.config import ParallelConfig
 from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.pipelines.loading import load_pipeline
 
-__all__ = ["PipelineJobError", "PipelineRun", "call_arguments", "prepare_pipeline_run", "profile_pipeline",
-           "run_pipeline", "write_output"]
-
+__all__ = ["PipelineJobError", "PipelineRun", "call_arguments", "profile_pipeline", "run_pipeline", "write_output"]
 
 
 class PipelineJobError(AsyncDiffError, ValueError):
@@ -40,28 +39,138 @@ class PipelineJobError(AsyncDiffError, ValueError):
 
 @dataclass(frozen=True)
 class PipelineRun:
-    """What ``asyncdiff-partition run --model DIR --prompt TEXT`` was asked for; pickled to every rank.
+    """What ``asyncdiff-partition run --model DIR --prompt TEXT`` was asked for.
 
-    ``devices`` defaults to the plan's (2 without a plan); ``steps``, ``guidance`` and ``size``
-    to the pipeline's own defaults.
+    ``steps``, ``guidance`` and ``size`` default to the pipeline's own.
     """
 
     model: str
     prompt: str | None = None
     image: str | None = None
-    devices: int | None = None
     plan: str | None = None
     size: int | None = None
     steps: int | None = None
     guidance: float | None = None
-    warmup: int = 1
-    stride: int = 1
     seed: int = 0
     out_dir: str = "run"
     reference: bool = False
-    threads: int | None = None
-    timeout_s: float = 300.0
+    trace: str | None = None
+    nproc: int | None = None
+    oversubscribe: bool = False
     progress: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def run_pipeline(run: PipelineRun) -> dict[str, Any]:
+    """``run --model DIR --prompt TEXT``: check, load, parallelize, sample once, write; returns what was written.
+
+    Raises:
+        PipelineJobError, PreflightError, ConfigError: before any rank starts.
+        RecordingError, CaptureError, PlanError, RankError: while preparing or sampling.
+    """
+    from asyncdiff_partition.app.preflight import check_devices, check_temp_space, check_writable
+    from asyncdiff_partition.app.report import write_report, write_trace
+    from asyncdiff_partition.pipelines.parallelize import describe, parallelize, warm
+    from asyncdiff_partition.runtime.launch import is_launched_externally
+
+    config = run.parallel.checked()
+    launched = is_launched_externally() and not run.reference
+    if run.nproc is not None and run.nproc != config.world:
+        raise PipelineJobError(f"--nproc {run.nproc} but the run has {config.world} ranks (--devices); leave --nproc out "
+                               f"or make them agree")
+    if not Path(run.model).is_dir():
+        raise PipelineJobError(f"--model {run.model!r} is not a folder; pass a pipeline folder written by save_pretrained")
+    if run.image is not None:
+        _open_image(run.image)
+    ranks = 1 if run.reference or launched else config.world
+    setup: dict[str, float] = {}
+    begin = time.perf_counter()
+    pipe = load_pipeline(run.model)
+    setup["load_s"] = time.perf_counter() - begin
+    call = call_arguments(pipe, run)
+    if run.steps is not None:
+        call["num_inference_steps"] = run.steps
+    check_devices(ranks, oversubscribe=run.oversubscribe or ranks == 1)
+    if ranks > 1:
+        check_temp_space(2 * _denoiser_bytes(pipe))
+    parallelize(pipe, config, reference=run.reference, plan=run.plan, source=run.model)
+    state = pipe.__dict__["_asyncdiff_parallel"]
+    try:
+        begin = time.perf_counter()
+        warm(pipe, **call)  # record, capture, plan, split (and ship): a mistake here starts no rank
+        setup["prepare_s"] = time.perf_counter() - begin
+        setup.update({k: v for k, v in getattr(state, "timings", {}).items() if k in ("record_s", "compile_s", "ship_s")})
+        check_writable(run.out_dir)
+        if run.trace is not None:
+            check_writable(Path(run.trace).parent or ".", "--trace")
+        rank = 0
+        if launched:
+            from asyncdiff_partition.runtime import comm
+
+            rank = comm.rank()
+        elif not run.reference:
+            begin = time.perf_counter()
+            state.start()
+            setup["spawn_s"] = time.perf_counter() - begin
+        pipe.set_progress_bar_config(disable=not (run.progress and rank == 0))
+        begin = time.perf_counter()
+        with torch.no_grad():
+            output = pipe(**call, generator=torch.Generator().manual_seed(run.seed))
+        wall_s = time.perf_counter() - begin
+        lines = describe(pipe)
+        reports = _rank_reports(state, rank)
+        plans = _plans(pipe, state)
+    finally:
+        pipe.close()
+    if rank != 0:
+        return {"rank": rank}
+    out = Path(run.out_dir)
+    written = write_output(output, out)
+    if run.plan is None:
+        written["plans"] = [str(plan.save(out / (f"plan-{name}.json" if i else "plan.json")))
+                            for i, (name, plan) in enumerate(plans.items())]
+    rows = {r: [dict(row, denoiser=name) for name, steps in report["steps"].items() for row in steps]
+            for r, report in reports.items()}
+    memory = {r: {k: report.get(k) for k in ("param_bytes", "rss", "peak_rss", "cuda_peak_allocated")}
+              for r, report in reports.items()}
+    meta = {"model": run.model, "pipeline": type(pipe).__name__, "mode": "reference" if run.reference else
+            "ranks" if launched else "engine", "config": config.to_dict(), "denoisers": lines, "setup_s": setup,
+            "sampling_s": wall_s, "memory": memory, "warmup": config.warmup, "call": sorted(call)}
+    report_path = write_report(out / "report.json", rows, meta)
+    trace_path = write_trace(run.trace, {r: [s for spans in report["spans"].values() for s in spans]
+                                         for r, report in reports.items()}) if run.trace else None
+    return {**written, "report": str(report_path), "trace": str(trace_path) if trace_path else None,
+            "setup": setup, "wall_s": wall_s, "denoisers": lines, "pipeline": type(pipe).__name__}
+
+
+def _plans(pipe: Any, state: Any) -> dict[str, Any]:
+    """The plan of each denoiser the run used (its first call structure's)."""
+    from asyncdiff_partition.pipelines.recording import components
+
+    found = {}
+    for name, module in components(pipe).items():
+        plan = getattr(module, "__dict__", {}).get("plan")
+        if plan is not None and name in getattr(state, "metas", {}):
+            found[name] = plan
+    return found
+
+
+def _denoiser_bytes(pipe: Any) -> int:
+    """The bytes of every module of the pipeline: an upper bound of what shipping segments writes."""
+    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def _rank_reports(state: Any, rank: int) -> dict[int, dict[str, Any]]:
+    """Every rank's report of the last call (the engine's), or this process's own."""
+    reports = getattr(state, "reports", None)
+    if reports:
+        return {r: report for r, report in reports.items() if report is not None}
+    from asyncdiff_partition.runtime.memory import memory_counters
+
+    modules = torch.nn.ModuleList([d.module for d in state.denoisers.values()])
+    return {rank: {"steps": {n: d.report() for n, d in state.denoisers.items()},
+                   "spans": {n: d.spans() for n, d in state.denoisers.items()}, **memory_counters(modules)}}
 
 
 def call_arguments(pipe: Any, config: PipelineRun) -> dict[str, Any]:
@@ -101,89 +210,6 @@ def _open_image(path: str) -> Any:
         return Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise PipelineJobError(f"--image {path!r} is not an image PIL can read ({error}); pass a PNG or JPEG") from None
-
-
-def prepare_pipeline_run(config: PipelineRun) -> tuple[PipelineRun, dict[str, Any]]:
-    """Check the whole run in this process and fix its plan; returns the config the ranks get and facts.
-
-    Loads the pipeline, dry-runs its real call, captures the denoiser, then takes ``config.plan``
-    (checked against this capture) or makes one (profiled here, cached like ``parallelize``'s)
-    and saves it to ``out_dir/plan.json``. The returned config names that plan and its devices.
-
-    Raises:
-        PipelineJobError, RecordingError, CaptureError, PlanError: what a rank would hit.
-    """
-    from asyncdiff_partition.core.plan import Plan
-    from asyncdiff_partition.fx.capture import capture_model
-    from asyncdiff_partition.pipelines.parallelize import choose_plan
-    from asyncdiff_partition.pipelines.recording import record_denoiser_calls
-
-    if config.stride not in (1, 2):
-        raise PipelineJobError(f"stride must be 1 or 2, got {config.stride}")
-    pipe = load_pipeline(config.model)
-    call = call_arguments(pipe, config)
-    recording = record_denoiser_calls(pipe, kwargs=call).denoisers[0]
-    captured = capture_model(recording.module, (), recording.calls[0].call)
-    devices = config.devices
-    if config.plan is not None and devices is None:
-        devices = Plan.load(config.plan).n_devices
-    devices = devices or 2
-    plan = choose_plan(captured, recording.module, devices, stride=config.stride, warmup=config.warmup, plan=config.plan,
-                       cache_dir=None, steps=config.steps or 50)
-    path = config.plan or str(plan.save(Path(config.out_dir) / "plan.json"))
-    dtype = next(recording.module.parameters()).dtype
-    facts = {"pipeline": type(pipe).__name__, "denoiser": recording.name, "dtype": str(dtype).removeprefix("torch."),
-             "latent_shape": list(captured.latent.shape), "boundaries": plan.boundaries, "plan": path}
-    return replace(config, devices=devices, plan=path), facts
-
-
-def run_pipeline(config: PipelineRun) -> dict[str, Any]:
-    """``asyncdiff-partition run --model DIR --prompt TEXT``: check here, sample on the ranks, write the output.
-
-    Returns the written files (``images``, and ``frames`` / ``video`` for video pipelines), the
-    plan path and the facts of :func:`prepare_pipeline_run`, and the sampling wall time.
-    """
-    from asyncdiff_partition.runtime.launch import is_launched_externally, launch
-
-    launched = is_launched_externally()
-    if launched and not config.reference:
-        if config.plan is None:
-            raise PipelineJobError("under an outside launcher every rank needs the same plan: make one first "
-                                   "('asyncdiff-partition profile --model DIR --prompt TEXT' then 'plan') and pass --plan")
-        result = pipeline_worker(config)
-        return {**result, "plan": config.plan}
-    ready, facts = prepare_pipeline_run(config)
-    if config.reference:
-        result = pipeline_worker(ready)
-    else:
-        world = (ready.devices or 2) + ready.stride - 1
-        result = launch(pipeline_worker, (ready,), nproc=world, timeout_s=ready.timeout_s)[0]
-    return {**result, **facts}
-
-
-def pipeline_worker(config: PipelineRun) -> dict[str, Any]:
-    """One rank (or the reference process): load, parallelize with the given plan, sample; rank 0 writes."""
-    from asyncdiff_partition.pipelines.parallelize import parallelize
-
-    torch.set_num_threads(config.threads or 1)
-    pipe = load_pipeline(config.model)
-    call = call_arguments(pipe, config)
-    parallelize(pipe, devices=config.devices or 2, stride=config.stride, warmup=config.warmup, plan=config.plan,
-                reference=config.reference, steps=config.steps or 50, timeout_s=config.timeout_s, **call)
-    rank = 0
-    if not config.reference:
-        from asyncdiff_partition.runtime import comm
-
-        rank = comm.rank()
-    pipe.set_progress_bar_config(disable=not (config.progress and rank == 0))
-    if config.steps is not None:
-        call["num_inference_steps"] = config.steps
-    begin = time.perf_counter()
-    with torch.no_grad():
-        output = pipe(**call, generator=torch.Generator().manual_seed(config.seed))
-    wall_s = time.perf_counter() - begin
-    written = write_output(output, config.out_dir) if rank == 0 else {}
-    return {"rank": rank, "wall_s": wall_s, **written}
 
 
 def write_output(output: Any, out_dir: str | Path) -> dict[str, list[str]]:

@@ -102,8 +102,7 @@ class Engine:
         self.folder = tempfile.mkdtemp(prefix="asyncdiff-engine-")
         self.counts = {"starts": 0, "recordings": 0, "captures": 0, "calls": 0}
         self.timings: dict[str, float] = {}
-        self.pool: Any = None
-        self.start()
+        self.pool: Any = None  # started at the first call (set-up mistakes are found before any rank starts)
 
     # --- ranks -----------------------------------------------------------------------------
 
@@ -111,6 +110,8 @@ class Engine:
         """Start the ranks (they load the pipeline) and hand them every structure prepared so far."""
         from asyncdiff_partition.runtime.ranks import RankPool
 
+        if self.pool is not None:
+            return
         begin = time.perf_counter()
         self.pool = RankPool(self.config.world, engine_rank, (self.source, self.config.to_dict()),
                              timeout_s=self.config.timeout_s)
@@ -172,22 +173,27 @@ class Engine:
         self.counts["recordings"] += 1
         self.timings["record_s"] = time.perf_counter() - begin
         new: list[Shipped] = []
+        compile_s = ship_s = 0.0
         for record in recording.denoisers:
             meta = DenoiserMeta.of(record, self.pipe)
             self.metas[record.name] = meta
             for call in record.calls:
                 if (record.name, call.key) in self.known:
                     continue
+                mark = time.perf_counter()
                 compiled = compile_call(record, call, self.config, self.plans, world=self.config.world)
                 self.counts["captures"] += 1
+                compile_s += time.perf_counter() - mark
                 if "plan" not in record.module.__dict__:
                     record.module.__dict__["plan"] = compiled.plan  # pipe.unet.plan
                 directory = os.path.join(self.folder, f"structure{len(self.known) + len(new)}-{time.time_ns()}")
+                mark = time.perf_counter()
                 ship_segments(compiled.segments, directory, compiled.captured)
+                ship_s += time.perf_counter() - mark
                 new.append(Shipped(meta, call.key, compiled.plan.to_dict(), directory, len(compiled.segments),
                                    compiled.timestep, compiled.latent, compiled.inputs,
                                    frozenset(used_names(compiled.segments))))
-        self.timings["prepare_s"] = time.perf_counter() - begin
+        self.timings.update(compile_s=compile_s, ship_s=ship_s)
         if new:
             for shipped in new:
                 self.known[(shipped.meta.name, shipped.key)] = shipped
@@ -200,6 +206,7 @@ class Engine:
                     self.pool.call(("drop", [(s.meta.name, s.key) for s in dropped]))
             for shipped in dropped:
                 shutil.rmtree(shipped.directory, ignore_errors=True)
+        self.timings["prepare_s"] = time.perf_counter() - begin
 
     def summary(self) -> list[str]:
         plans = {k: plan_from_dict(s.plan) for k, s in self.known.items()}

@@ -279,19 +279,25 @@ class ScheduledDenoiser:
         self._run = None
 
     def report(self) -> list[dict[str, Any]]:
-        """The first stream's per-step report if it keeps one, else this wrapper's timings."""
-        denoiser = self.denoiser
-        if hasattr(denoiser, "report"):
-            return list(denoiser.report())
+        """Per stream and step: its step denoiser's report (``call`` = the stream's position), else this wrapper's timings."""
+        rows = []
+        for (position, _), stream in self.streams.items():
+            if hasattr(stream.denoiser, "report"):
+                rows += [dict(row, call=position, stream=stream.index) for row in stream.denoiser.report()]
+        if rows:
+            return rows
+        if isinstance(self.program, _Fixed) and hasattr(self.program.denoiser, "report"):
+            return list(self.program.denoiser.report())
         return [{"step": s, "rank": 0, "compute_ms": ms, "wait_ms": 0.0, "comm_ms": 0.0, "bytes_sent": 0}
                 for s, ms in enumerate(self.step_ms)]
 
     def spans(self) -> list[dict[str, Any]]:
-        """The first stream's spans if it keeps them, else one span per call."""
-        denoiser = self.denoiser
-        if hasattr(denoiser, "spans"):
-            return list(denoiser.spans())
-        return list(self.step_spans)
+        """Every stream's spans if its step denoiser keeps them, else one span per call."""
+        found = []
+        for (position, _), stream in self.streams.items():
+            if hasattr(stream.denoiser, "spans"):
+                found += [dict(span, call=position) for span in stream.denoiser.spans()]
+        return found or list(self.step_spans)
 
     @property
     def captured(self) -> CapturedModel:
