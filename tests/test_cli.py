@@ -264,7 +264,7 @@ def test_run_a_saved_pipeline_with_a_prompt_on_two_ranks_equals_its_reference(ru
     assert result.exit_code == 0, result.output
     result = run("run", *common, "--devices", "2", "--out", str(out), "--trace", str(tmp_path / "trace.json"))
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("StableDiffusionPipeline: set-up load ") and "spawn" in result.output
+    assert "StableDiffusionPipeline: set-up load " in result.output and "spawn" in result.output
     assert "unet: 1 call(s) per step" in result.output and "sampling" in result.output
     image = Image.open(out / "image-0.png")
     assert image.size == (32, 32)  # the pipeline's own default size
@@ -300,7 +300,7 @@ def test_run_a_controlnet_folder_with_an_image(run, pipeline_folders, tmp_path, 
     result = run("run", "--model", str(pipeline_folders / "controlnet"), "--prompt", "a red cube", "--image",
                  str(pipeline_folders / "edges.png"), "--devices", "2", "--steps", "8", "--size", "16", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("StableDiffusionControlNetPipeline: set-up") and "  unet: 1 call(s)" in result.output
+    assert "StableDiffusionControlNetPipeline: set-up" in result.output and "  unet: 1 call(s)" in result.output
     assert Image.open(out / "image-0.png").size == (16, 16)
 
 

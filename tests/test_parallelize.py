@@ -19,15 +19,15 @@ def folder(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tokenizers"))
 
 
-def test_a_pipeline_built_in_memory_cannot_start_ranks_one_error_says_how(folder, monkeypatch):
+def test_a_pipeline_built_in_memory_runs_on_started_ranks(folder, monkeypatch, tmp_path):
+    """No launcher: parallelize starts its own ranks; they need no folder (they get finished segments)."""
     monkeypatch.delenv("RANK", raising=False)
     pipe, kwargs = build("ddpm", folder)
-    with pytest.raises(ParallelizeError) as error:
-        parallelize(pipe, devices=3, **kwargs)
-    message = str(error.value)
-    assert "\n" not in message and "save_pretrained" in message and "reference=True" in message
-    assert isinstance(error.value, AsyncDiffError) and "forward" not in vars(pipe.unet)  # nothing replaced
-    assert "_asyncdiff_parallel" not in vars(pipe) and type(pipe).__name__ == "DDPMPipeline"
+    expected = sample(pipe, kwargs, 3)
+    with parallelize(pipe, devices=2, warmup=3, cache_dir=tmp_path):
+        assert torch.equal(sample(pipe, kwargs, 3), expected)  # W >= T: the pipeline exactly
+    assert "forward" not in vars(pipe.unet) and "_asyncdiff_parallel" not in vars(pipe)
+    assert type(pipe).__name__ == "DDPMPipeline" and type(pipe).__call__ is type(pipe).__mro__[0].__call__
 
 
 def test_a_wrong_world_size_is_refused_before_any_compute(folder, monkeypatch):

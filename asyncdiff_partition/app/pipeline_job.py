@@ -93,13 +93,13 @@ def run_pipeline(run: PipelineRun) -> dict[str, Any]:
     check_devices(ranks, oversubscribe=run.oversubscribe or ranks == 1)
     if ranks > 1:
         check_temp_space(2 * _denoiser_bytes(pipe))
-    parallelize(pipe, config, reference=run.reference, plan=run.plan, source=run.model)
+    parallelize(pipe, config, reference=run.reference, plan=run.plan)
     state = pipe.__dict__["_asyncdiff_parallel"]
     try:
         begin = time.perf_counter()
         warm(pipe, **call)  # record, capture, plan, split (and ship): a mistake here starts no rank
         setup["prepare_s"] = time.perf_counter() - begin
-        setup.update({k: v for k, v in getattr(state, "timings", {}).items() if k in ("record_s", "compile_s", "ship_s")})
+        setup.update({k: v for k, v in state.timings.items() if k in ("record_s", "compile_s", "ship_s")})
         check_writable(run.out_dir)
         if run.trace is not None:
             check_writable(Path(run.trace).parent or ".", "--trace")
@@ -162,10 +162,10 @@ def _denoiser_bytes(pipe: Any) -> int:
 
 
 def _rank_reports(state: Any, rank: int) -> dict[int, dict[str, Any]]:
-    """Every rank's report of the last call (the engine's), or this process's own."""
+    """Every rank's report of the last call (an engine's ranks), or this process's own."""
     reports = getattr(state, "reports", None)
-    if reports:
-        return {r: report for r, report in reports.items() if report is not None}
+    if callable(reports):
+        return dict(reports())
     from asyncdiff_partition.runtime.memory import memory_counters
 
     modules = torch.nn.ModuleList([d.module for d in state.denoisers.values()])

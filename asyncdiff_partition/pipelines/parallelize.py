@@ -3,7 +3,7 @@
 Example (a plain Python process: the ranks are started for you and stay up)::
 
     pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
-    parallelize(pipe, devices=2)                                   # starts 2 ranks from `path`
+    parallelize(pipe, devices=2)                                   # 2 ranks start at the first call
     image = pipe(prompt="a red cube", height=512, width=512).images[0]   # the pipeline's own call
     pipe.close()                                                   # or interpreter exit
 
@@ -17,9 +17,9 @@ Note [where the ranks run]
 * Under an outside launcher (``torchrun``): every rank runs the user's script; each rank prepares
   the calls itself (rank 0 plans and sends the plan) and keeps only its segments' weights once the
   first call has run.
-* Otherwise (a plain process): the pipeline's calls go to ranks that this process starts and keeps
-  up (:mod:`~asyncdiff_partition.pipelines.engine`); this process prepares every call structure and
-  hands each rank its finished segments; ``pipe(...)`` returns rank 0's output.
+* Otherwise (a plain process): this process runs the pipeline and its loop, and the denoisers'
+  calls run on ranks that it starts and keeps up (:mod:`~asyncdiff_partition.pipelines.engine`);
+  it prepares every call structure and hands each rank its finished segments.
 
 Note [prepared calls]
 ~~~~~~~~~~~~~~~~~~~~~
@@ -70,7 +70,6 @@ def parallelize(
     reference: bool = False,
     cache_dir: str | Path | None = None,
     steps: int = 50,
-    source: str | Path | Callable[[], Any] | None = None,
     max_structures: int = 8,
     **call_kwargs: Any,
 ) -> Any:
@@ -89,15 +88,13 @@ def parallelize(
         reference: run every segment in this process (fidelity checks; no ranks).
         cache_dir: where profiles are cached (default :func:`default_cache_dir`).
         steps: the T the plans' predicted speedups are written for.
-        source: where the started ranks get the pipeline (a plain process only): its folder
-            (default: the folder it was loaded from) or a module-level function that loads it.
         max_structures: call structures kept prepared on the started ranks; the least recently
             used is dropped beyond it.
         call_kwargs: a pipeline call to prepare now (``prompt``, ``height``, ``image``, ...).
 
     Raises:
         ConfigError: a configuration that breaks a rule of ``ParallelConfig``.
-        ParallelizeError: another world size than the launcher started, or no folder for the ranks.
+        ParallelizeError: another world size than the launcher started.
         RecordingError: the dry run did not find a denoiser.
         PlanError: ``plan`` was made for another model or other shapes.
     """
@@ -126,7 +123,7 @@ def parallelize(
     else:
         from asyncdiff_partition.pipelines.engine import Engine
 
-        state = Engine(pipe, config, plans=plans, source=source, max_structures=max_structures)
+        state = Engine(pipe, config, plans=plans, max_structures=max_structures)
     _intercept(pipe, state)
     if call_kwargs:
         try:

@@ -13,6 +13,7 @@ under an outside launcher (Note [where the ranks run]); every rank of an
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any
@@ -59,9 +60,9 @@ class Prepared:
     """A parallelized pipeline in one process (Note [where the ranks run]): its denoisers, their compiled
     call structures and the streams of their calls.
 
-    ``mode`` is ``"reference"`` (every segment here), ``"ranks"`` (this process is one rank; it
-    compiles its calls itself) or ``"engine"`` (one rank of an engine; compiled calls come from
-    the engine with :meth:`add`).
+    ``mode`` is ``"reference"`` (every segment here) or ``"ranks"`` (this process is one rank of an
+    outside launch; it compiles its calls itself); an :class:`~asyncdiff_partition.pipelines.engine.Engine`
+    is a ``Prepared`` whose streams run on its own ranks.
     """
 
     def __init__(self, pipe: Any, config: ParallelConfig, *, mode: str, plans: PlanBook | None = None):
@@ -73,6 +74,7 @@ class Prepared:
         self.streams_made = 0
         self.recordings: list[Recording] = []
         self.captures = 0
+        self.timings: dict[str, float] = {}  # seconds of the latest prepare: record_s, compile_s (and the engine's)
 
     # --- preparing ---------------------------------------------------------------------------
 
@@ -84,7 +86,9 @@ class Prepared:
                 f"capture a new call structure of {self.cls.__name__}; prepare every call structure before the first "
                 "call (parallelize(pipe, ..., **call) or warm(pipe, **call)), or run in a plain process, where "
                 "parallelize starts its own ranks")
+        begin = time.perf_counter()
         recording = record_denoiser_calls(self.pipe, args, kwargs, run=self.own_call)
+        self.timings = {"record_s": time.perf_counter() - begin, "compile_s": 0.0}
         self.recordings.append(recording)
         captures = None
         for record in recording.denoisers:
@@ -95,14 +99,22 @@ class Prepared:
                 if self.mode == "reference":
                     captures = record.module.__dict__.setdefault(CAPTURES, {})
                 world = None if self.mode == "reference" else self.config.world
+                begin = time.perf_counter()
                 compiled = compile_call(record, call, self.config, self.plans, world=world, captures=captures)
+                self.timings["compile_s"] += time.perf_counter() - begin
                 self.captures += 1
                 if record.name not in {n for n, _ in self.compiled}:
                     record.module.__dict__["plan"] = compiled.plan  # pipe.unet.plan
-                if self.mode == "ranks":
-                    compiled = _keep_own(compiled, self.config)
-                self.compiled[(record.name, call.key)] = compiled
+                self.compiled[(record.name, call.key)] = self.keep(record.name, call.key, compiled)
+        self.prepared()
         return recording
+
+    def keep(self, name: str, key: CallKey, compiled: Compiled) -> Compiled:
+        """What this process keeps of a structure it compiled: all of it here, a rank's own segment."""
+        return _keep_own(compiled, self.config) if self.mode == "ranks" else compiled
+
+    def prepared(self) -> None:
+        """Called after :meth:`prepare` compiled what was new (an engine hands it to its ranks)."""
 
     def own_call(self, *args: Any, **kwargs: Any) -> Any:
         """The pipeline's own ``__call__`` (not the prepared one)."""
@@ -122,12 +134,8 @@ class Prepared:
         self.denoisers[meta.name] = install(module, denoiser)
         return denoiser
 
-    def add(self, name: str, key: CallKey, compiled: Compiled) -> None:
-        """A call structure compiled elsewhere (an engine's launching process)."""
-        self.compiled[(name, key)] = compiled
-
     def drop(self, name: str, key: CallKey) -> None:
-        """Forget a call structure and its streams (an engine's least recently used)."""
+        """Forget a call structure and its streams (least recently used, beyond a bound)."""
         self.compiled.pop((name, key), None)
         denoiser = self.denoisers.get(name)
         if denoiser is not None:
@@ -145,23 +153,25 @@ class Prepared:
         if compiled is None:
             raise NeedsCapture(name, position, step, key, "prepare this call first: warm(pipe, **call)")
         self.compiled.move_to_end((name, key))
+        denoiser = self.step_denoiser(name, key, compiled, self.streams_made)
+        self.streams_made += 1
+        return Stream(compiled.binding, denoiser, index)
+
+    def step_denoiser(self, name: str, key: CallKey, compiled: Compiled, stream: int) -> Any:
+        """The step denoiser of a new stream: the reference schedule here, this rank's denoiser on a rank."""
         plan, config = compiled.plan, self.config
-        denoiser: Any
         if self.mode == "reference":
             from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
-            denoiser = ReferenceSchedule(compiled.segments, warmup=config.warmup, stride=config.stride,
-                                         timestep_input=compiled.timestep, extrapolation=plan.extrapolation,
-                                         batch_parallel=plan.batch_parallel, latent_input=compiled.latent,
-                                         phases=plan.phases, compile=config.compile)
-        else:
-            from asyncdiff_partition.runtime.hybrid import rank_denoiser
+            return ReferenceSchedule(compiled.segments, warmup=config.warmup, stride=config.stride,
+                                     timestep_input=compiled.timestep, extrapolation=plan.extrapolation,
+                                     batch_parallel=plan.batch_parallel, latent_input=compiled.latent,
+                                     phases=plan.phases, compile=config.compile)
+        from asyncdiff_partition.runtime.hybrid import rank_denoiser
 
-            denoiser = rank_denoiser(compiled.segments[0], plan, input_names=compiled.inputs, latent=compiled.latent,
-                                     warmup=config.warmup, stride=config.stride, timestep_input=compiled.timestep,
-                                     timeout_s=config.timeout_s, compile=config.compile, stream=self.streams_made)
-        self.streams_made += 1
-        return Stream(compiled.binding, denoiser, index)
+        return rank_denoiser(compiled.segments[0], plan, input_names=compiled.inputs, latent=compiled.latent,
+                             warmup=config.warmup, stride=config.stride, timestep_input=compiled.timestep,
+                             timeout_s=config.timeout_s, compile=config.compile, stream=stream)
 
     def call(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """The pipeline's own call, prepared as it goes (Note [prepared calls])."""
