@@ -45,7 +45,7 @@ def test_core_plans_a_bundled_profile_without_torch():
 
 def test_package_top_level_is_lazy():
     result = _loaded_after("import asyncdiff_partition as a\nprint(a.Plan.__name__, len(a.__all__))")
-    assert result["output"] == "Plan 21" and result["heavy"] == []
+    assert result["output"] == "Plan 17" and result["heavy"] == []
 
 
 @pytest.mark.parametrize("args", [

@@ -29,7 +29,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.errors import AsyncDiffError
-from asyncdiff_partition.core.files import read_json, write_json_atomic
+from asyncdiff_partition.core.files import atomic_path, read_json, write_atomic, write_json_atomic
 from asyncdiff_partition.core.plan import Plan
 from asyncdiff_partition.fx.split import Segment
 from asyncdiff_partition.onnx.model import is_onnx_path
@@ -77,7 +77,7 @@ def export_plan_onnx(plan_path: str | Path, out_dir: str | Path, *, model_spec: 
         with torch.no_grad():
             expected = segment.module(*example)
         if isinstance(segment.module, OnnxSegmentModule):
-            path.write_bytes(segment.module.model)
+            write_atomic(path, segment.module.model)
             exporter, names_in, names_out = "onnx.utils.Extractor", segment.module.args, segment.module.outputs
         else:
             names_in = _leaf_names(segment.inputs + segment.receives, example)
@@ -163,11 +163,11 @@ def _export(segment: Segment, example: list[Any], path: Path, names_in: list[lis
     failures = []
     for dynamo in (False, True):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), atomic_path(path) as tmp:
                 warnings.simplefilter("ignore")
-                torch.onnx.export(segment.module, tuple(example), str(path), input_names=flat_in,
+                torch.onnx.export(segment.module, tuple(example), str(tmp), input_names=flat_in,
                                   output_names=flat_out, opset_version=opset, dynamo=dynamo)
-            onnx.checker.check_model(str(path))
+                onnx.checker.check_model(str(tmp))
             return f"torch.onnx.export(dynamo={dynamo})"
         except Exception as error:  # noqa: BLE001 - both are tried, both reported
             text = " ".join(str(error).split())[:200] or type(error).__name__

@@ -19,6 +19,7 @@ the whole batch.
 from __future__ import annotations
 
 import copy
+import io
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ import torch.fx
 from asyncdiff_partition.app.report import peak_resident_bytes, resident_bytes
 from asyncdiff_partition.app.settings import RunConfig, RunSettings, latent_shape
 from asyncdiff_partition.core.errors import ConfigError
+from asyncdiff_partition.core.files import write_atomic
 from asyncdiff_partition.fx.capture import CapturedModel
 from asyncdiff_partition.fx.device_move import move_captured
 from asyncdiff_partition.fx.weights import release_weights
@@ -157,8 +159,9 @@ def _sample(config: RunConfig, built: BuiltPipeline, denoiser: Any, *, rank: int
         out = Path(config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for i, picture in enumerate(pictures):
-            paths.append(str(out / f"image-{i}.png"))
-            picture.save(paths[-1])
+            png = io.BytesIO()
+            picture.save(png, format="PNG")
+            paths.append(str(write_atomic(out / f"image-{i}.png", png.getvalue())))
     return {"rank": rank, "report": wrapped.report(), "spans": wrapped.spans(), "wall_s": wall_s, "images": paths,
             "method": wrapped.captured.method, "latent_shape": list(wrapped.captured.latent.shape), "note": built.note,
             "threads": torch.get_num_threads(), "device": str(built.pipe.device)}

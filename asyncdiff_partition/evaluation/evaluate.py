@@ -453,11 +453,10 @@ class _Sampler:
 
     def run(self, denoiser: Any) -> np.ndarray:
         """Samples as float images in [0, 1], (batch, H, W, C); ``denoiser`` None = the unsplit graph."""
-        names = [s.name for s in self.captured.inputs]
         if denoiser is None:
-            graph = self.captured.graph_module
-            def denoiser(inputs):
-                return graph(*[inputs[name] for name in names])
+            from asyncdiff_partition.runtime.reference import UnsplitDenoiser
+
+            denoiser = UnsplitDenoiser(self.captured)
         self.scheduler.set_timesteps(self.steps)
         with torch.no_grad():
             x = denoise(denoiser, self.captured, scheduler=self.scheduler, latents=self.noise * self.scheduler.init_noise_sigma,

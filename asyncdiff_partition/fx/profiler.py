@@ -70,7 +70,7 @@ class NodeTimer(torch.fx.Interpreter):
 def profile_model(
     captured: CapturedModel,
     *,
-    model_name: str,
+    model_name: str | None = None,
     device: str = "cpu",
     warmup: int = 1,
     repeats: int = 5,
@@ -83,7 +83,7 @@ def profile_model(
     Args:
         captured: from :func:`~asyncdiff_partition.fx.capture.capture_model`; its example inputs
             are the inputs profiled.
-        model_name: recorded in the profile (zoo name or directory).
+        model_name: recorded in the profile (zoo name or directory); default the model's class name.
         device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``; the model is moved there.
         warmup: untimed runs first (allocator, caches, lazy initialisation).
         repeats: timed runs; each node's cost is the median over them.
@@ -108,6 +108,7 @@ def profile_model(
     eager: list[float] = []
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
+    model_name = model_name or type(captured.model).__name__
     bar = _progress(2 * warmup + 2 * repeats, progress, model_name)
     with torch.no_grad():
         for _ in range(warmup):

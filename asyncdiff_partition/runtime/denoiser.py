@@ -105,7 +105,8 @@ class AsyncDenoiser:
     :meth:`reset`.
 
     Args:
-        segment: this rank's ready segment (slot ``r`` runs segment ``min(r, N - 1)``).
+        segment: this rank's ready segment (slot ``r`` runs segment ``min(r, N - 1)``), or all of
+            them (:func:`~asyncdiff_partition.fx.ready.ready_segments`): this rank's is picked.
         plan: the plan; its N, and by default its stride and warm-up.
         input_names: every model input name, in order (``captured.inputs[i].name``).
         latent: the latent input's name (ε comes back on its device).
@@ -131,7 +132,6 @@ class AsyncDenoiser:
             on every rank; it keeps their messages apart.
 
     Raises:
-        RuntimeError: the process group is not set up.
         PlanError: another plan's or another rank's segment, the wrong world size, or ranks
             that disagree.
         ScheduleError: bad warm-up, or stride 2 / time_shift without a timestep input.
@@ -141,7 +141,7 @@ class AsyncDenoiser:
 
     def __init__(
         self,
-        segment: ReadySegment,
+        segment: ReadySegment | Sequence[ReadySegment],
         plan: Plan,
         *,
         input_names: Sequence[str],
@@ -159,6 +159,10 @@ class AsyncDenoiser:
         stream: int = 0,
     ):
         self._tag_base = stream * STREAM_TAGS
+        if group is None and not comm.is_initialized():
+            comm.init(timeout_s=timeout_s)  # under launch / torchrun: the process group of the environment
+        if not isinstance(segment, ReadySegment):
+            segment = segment_for_rank(list(segment))
         self._comm: Any = comm if group is None else group  # a batch group's ranks (runtime.groups)
         self.phases = phases  # a switching policy's mask (runtime.policy), re-read every step
         self.rank, self.world_size, self.device = self._comm.rank(), self._comm.world_size(), self._comm.device()
