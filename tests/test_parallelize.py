@@ -7,7 +7,6 @@ import torch
 from tiny_pipelines import build, sample
 
 from asyncdiff_partition import parallelize
-from asyncdiff_partition.core.errors import AsyncDiffError
 from asyncdiff_partition.core.plan import PlanError
 from asyncdiff_partition.pipelines.parallelize import ParallelizeError, unparallelize
 from asyncdiff_partition.pipelines.recording import RecordingError, record_denoiser_calls
