@@ -133,13 +133,15 @@ class CapturedModel:
         return restore_captured, pack_captured(self)  # Note [pickling a captured model] (fx/pickling.py)
 
 
-def pack_captured(captured: CapturedModel, stand_ins: Set[int] = frozenset()) -> tuple[bytes, list[Any]]:
+def pack_captured(captured: CapturedModel, stand_ins: Set[int] = frozenset(),
+                  saved: Mapping[int, tuple[str, str]] | None = None) -> tuple[bytes, list[Any]]:
     """(graph blob, tensors) of a capture, for :func:`restore_captured`; weights whose ids are in
-    ``stand_ins`` become stand-ins (Note [weight stand-ins] in fx/pickling.py)."""
+    ``stand_ins`` become stand-ins, those in ``saved`` are read by name where they are loaded
+    (Notes [weight stand-ins], [weights by name] in fx/pickling.py)."""
     state = {"inputs": captured.inputs, "method": captured.method, "example": captured.example,
              "attempts": captured.attempts, "treespec": captured.treespec, "constants": captured.constants,
              "model": captured.model}
-    return dump_graph(captured.graph_module, state, meta_key=MODULE_KEY, stand_ins=stand_ins)
+    return dump_graph(captured.graph_module, state, meta_key=MODULE_KEY, stand_ins=stand_ins, saved=saved)
 
 
 def restore_captured(blob: bytes, tensors: list[torch.Tensor]) -> CapturedModel:

@@ -14,13 +14,13 @@ import io
 import operator
 import pickle
 import warnings
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from typing import Any
 
 import torch
 import torch.fx
 
-__all__ = ["dump_graph", "is_stand_in", "load_graph", "stand_in"]
+__all__ = ["dump_graph", "is_stand_in", "load_graph", "load_saved", "stand_in"]
 
 # Note [pickling a captured model]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -31,6 +31,13 @@ __all__ = ["dump_graph", "is_stand_in", "load_graph", "stand_in"]
 # the module path) plus its tensors, and is rebuilt node for node, names included. The original
 # model goes along: it binds call arguments and a rank's pipeline is built around it. Model and
 # graph share their weight tensors, and pickle keeps them shared.
+#
+# Note [weights by name]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# A weight that a pipeline folder holds unchanged (same name, dtype, shape and values as the
+# model in memory) need not travel: the shipped file names it (file, key) and the rank reads
+# that one tensor from the memory-mapped safetensors file when it loads its segment. The rank
+# never reads any other weight of the model, and nothing is copied through the temp folder.
 #
 # Note [weight stand-ins]
 # ~~~~~~~~~~~~~~~~~~~~~~~
@@ -43,13 +50,16 @@ __all__ = ["dump_graph", "is_stand_in", "load_graph", "stand_in"]
 
 
 def dump_graph(gm: torch.fx.GraphModule, state: dict[str, Any], *, meta_key: str,
-               stand_ins: Set[int] = frozenset()) -> tuple[bytes, list[Any]]:
+               stand_ins: Set[int] = frozenset(), saved: Mapping[int, tuple[str, str]] | None = None,
+               ) -> tuple[bytes, list[Any]]:
     """(graph blob, tensors) for ``gm`` and ``state`` (any picklable values); Note [pickling a captured model].
 
     The graph goes into a blob of its own pickler (operators by name); the tensors stay outside
     it, in a list the outer pickler writes one by one, so loading never holds a blob of all the
     weights and the weights at once. Of the node metadata only ``node.meta[meta_key]`` is kept.
-    Tensors whose ids are in ``stand_ins`` become stand-ins (Note [weight stand-ins]).
+    Tensors whose ids are in ``stand_ins`` become stand-ins (Note [weight stand-ins]); those in
+    ``saved`` (id -> safetensors file, key) are read from that file where they are loaded (Note
+    [weights by name]).
     """
     nodes = []
     for node in gm.graph.nodes:
@@ -58,7 +68,7 @@ def dump_graph(gm: torch.fx.GraphModule, state: dict[str, Any], *, meta_key: str
     attrs = {str(n.target): operator.attrgetter(str(n.target))(gm)
              for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     buffer = io.BytesIO()
-    pickler = _OpPickler(buffer, stand_ins)
+    pickler = _OpPickler(buffer, stand_ins, saved or {})
     pickler.dump({"class_name": type(gm).__name__, "nodes": nodes, "attrs": attrs, "state": state})
     return buffer.getvalue(), pickler.tensors
 
@@ -115,18 +125,23 @@ class _OpPickler(pickle.Pickler):
     """Operators by name; every tensor (parameters too) by index into :attr:`tensors`, the
     ones in ``stand_ins`` (ids) as stand-ins."""
 
-    def __init__(self, file: io.BytesIO, stand_ins: Set[int]):
+    def __init__(self, file: io.BytesIO, stand_ins: Set[int], saved: Mapping[int, tuple[str, str]]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors: list[Any] = []
         self._index: dict[int, int] = {}
-        self._stand_ins = stand_ins
+        self._stand_ins, self._saved = stand_ins, saved
 
     def persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor):
             return None
         if id(obj) not in self._index:
             self._index[id(obj)] = len(self.tensors)
-            shipped = _StandIn(tuple(obj.shape), obj.dtype, isinstance(obj, torch.nn.Parameter)) if id(obj) in self._stand_ins else obj
+            parameter = isinstance(obj, torch.nn.Parameter)
+            shipped: Any = obj
+            if id(obj) in self._stand_ins:
+                shipped = _StandIn(tuple(obj.shape), obj.dtype, parameter)
+            elif id(obj) in self._saved:
+                shipped = _Saved(*self._saved[id(obj)], parameter)
             self.tensors.append(shipped)
         return ("tensor", self._index[id(obj)])
 
@@ -154,6 +169,25 @@ class _StandIn:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return stand_in, self.args
+
+
+class _Saved:
+    """Pickles as a weight read from a safetensors file where it is loaded (Note [weights by name])."""
+
+    def __init__(self, file: str, key: str, parameter: bool):
+        self.args = (file, key, parameter)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return load_saved, self.args
+
+
+def load_saved(file: str, key: str, parameter: bool) -> torch.Tensor:
+    """The tensor ``key`` of a safetensors file (memory-mapped, only this tensor read), in its saved dtype."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt", device="cpu") as handle:
+        t = handle.get_tensor(key)
+    return torch.nn.Parameter(t, requires_grad=False) if parameter else t
 
 
 def _refer(node: torch.fx.Node) -> Any:

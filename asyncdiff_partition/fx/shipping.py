@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,8 @@ class ShippedSegments:
 
 
 def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike,
-                  captured: CapturedModel | Any = None) -> ShippedSegments:
+                  captured: CapturedModel | Any = None,
+                  saved: Mapping[int, tuple[str, str]] | None = None) -> ShippedSegments:
     """Write one file per ready segment into ``directory`` (``segment{i}.pt``).
 
     Args:
@@ -75,6 +76,8 @@ def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike
             around each segment's module with only that segment's weights (Note [weight
             stand-ins]); anything else (an ONNX model's input specs) ships as it is, beside
             segments whose modules pickle on their own.
+        saved: weights a folder holds unchanged (id -> safetensors file, key): named, not copied
+            (Note [weights by name] in fx/pickling.py).
     """
     shipped = ShippedSegments(str(directory), len(segments))
     if not isinstance(captured, CapturedModel):
@@ -87,7 +90,7 @@ def ship_segments(segments: Sequence[ReadySegment], directory: str | os.PathLike
         module = segment.module
         assert isinstance(module, torch.fx.GraphModule)
         shell = dataclasses.replace(captured, graph_module=module)
-        graph, tensors = pack_captured(shell, stand_ins=weights - _weights(module))
+        graph, tensors = pack_captured(shell, stand_ins=weights - _weights(module), saved=saved)
         fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(segment) if f.name != "module"}
         with atomic_path(shipped.path(segment.index)) as tmp:
             torch.save({"graph": graph, "tensors": tensors, "segment": fields}, tmp)

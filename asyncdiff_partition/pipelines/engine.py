@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -81,8 +82,10 @@ class Engine(Prepared):
         super().__init__(pipe, config, mode="engine", plans=plans)
         self.max_structures, self.restarts = max_structures, restarts
         self.shipped: dict[tuple[str, CallKey], Shipped] = {}
+        self.sources: dict[str, dict[int, tuple[str, str]]] = {}  # per denoiser: weights read by name
         self.new: list[Shipped] = []
         self.folder = tempfile.mkdtemp(prefix="asyncdiff-engine-")
+        weakref.finalize(self, shutil.rmtree, self.folder, True)  # also without close()
         self.counts = {"starts": 0, "recordings": 0, "captures": 0, "calls": 0}
         self.pool: Any = None  # started at the first call: set-up mistakes are found before any rank starts
         self.failures = 0
@@ -157,13 +160,26 @@ class Engine(Prepared):
         self.counts["captures"] += 1
         directory = os.path.join(self.folder, f"structure-{time.time_ns()}")
         assert compiled.captured is not None
-        ship_segments(compiled.segments, directory, replace(compiled.captured, model=None))  # ranks bind no calls
+        saved = self._saved(name)
+        ship_segments(compiled.segments, directory, replace(compiled.captured, model=None), saved=saved)  # no binding there
         shipped = Shipped(name, key, compiled.plan.to_dict(), directory, len(compiled.segments), compiled.timestep,
                           compiled.latent, compiled.inputs)
         self.shipped[(name, key)] = shipped
         self.new.append(shipped)
         self.timings["ship_s"] += time.perf_counter() - begin
         return replace(compiled, binding=call_binding(compiled.binding), segments=[], captured=None)
+
+    def _saved(self, name: str) -> dict[int, tuple[str, str]]:
+        """The denoiser's weights its pipeline folder holds unchanged (read there by the ranks; found once)."""
+        from asyncdiff_partition.fx.weights import saved_sources
+        from asyncdiff_partition.pipelines.recording import components
+
+        if name not in self.sources:
+            root = getattr(getattr(self.pipe, "config", None), "_name_or_path", None)
+            folder = os.path.join(root, name) if root else None
+            module = components(self.pipe)[name]
+            self.sources[name] = saved_sources(module, folder) if folder and os.path.isdir(folder) else {}
+        return self.sources[name]
 
     def prepared(self) -> None:
         """Hand the ranks (if they run) what :meth:`prepare` compiled; drop the least recently used beyond the bound."""
@@ -289,6 +305,28 @@ class _EngineRank:
         denoiser = self.streams.get(stream)
         if denoiser is not None:
             denoiser.abandon()
+
+    def _memory(self) -> dict[str, Any]:
+        """What this rank holds: its segments' weights (name -> dtype, bytes), every live tensor's bytes."""
+        import gc
+
+        from asyncdiff_partition.fx.pickling import is_stand_in
+        from asyncdiff_partition.runtime.memory import memory_counters
+
+        gc.collect()
+        storages: dict[int, int] = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        weights = {}
+        modules = [s.module for s, _ in self.segments.values() if isinstance(s.module, torch.nn.Module)]
+        for module in modules:
+            for name, t in (*module.named_parameters(), *module.named_buffers()):
+                if not is_stand_in(t):
+                    weights[name] = (str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
+        return {"weights": weights, "live_tensor_bytes": sum(storages.values()),
+                **memory_counters(torch.nn.ModuleList(modules))}
 
     def _report(self) -> dict[str, Any]:
         from asyncdiff_partition.runtime.memory import memory_counters
