@@ -182,7 +182,10 @@ class Prepared:
             if self.mode == "ranks" and self.compiled and not self.released:
                 self.release()
             try:
-                return self.own_call(*args, **kwargs)
+                begin = time.perf_counter()
+                output = self.own_call(*args, **kwargs)
+                self.timings["sampling_s"] = time.perf_counter() - begin  # the pipeline's own call, alone
+                return output
             except NeedsCapture:
                 self.abandon()
                 snapshot.restore()
