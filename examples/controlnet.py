@@ -1,13 +1,14 @@
 """A ControlNet pipeline on N processes with one call: the UNet is split, the ControlNet replicated.
 
-    torchrun --nproc_per_node 2 examples/controlnet.py PIPELINE_DIR "a red cube" edges.png
-    python examples/controlnet.py PIPELINE_DIR "a red cube" edges.png --reference   # one process
+    python examples/controlnet.py PIPELINE_DIR "a red cube" edges.png                # 2 ranks started for you
+    python examples/controlnet.py PIPELINE_DIR "a red cube" edges.png --reference    # one process
 
 PIPELINE_DIR is a local StableDiffusion(XL)ControlNetPipeline folder (``save_pretrained``). The
 dry run finds the UNet as the denoiser (the ControlNet is called every step too, but its output
 is not what ``scheduler.step`` takes); the UNet's call, with the ControlNet's list of residuals,
-is what gets captured and split. The ControlNet itself stays whole on every rank: every rank
-computes the residuals of the current step (they are fresh inputs of the UNet's segments).
+is what gets captured and split. The ControlNet itself runs whole where the pipeline's loop runs
+(this process; under torchrun every rank): its residuals of the current step are inputs of the
+UNet's segments.
 """
 
 from __future__ import annotations

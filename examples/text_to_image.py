@@ -1,10 +1,12 @@
 """Any diffusers text-to-image pipeline on N processes with one call: ``parallelize``.
 
-    torchrun --nproc_per_node 2 examples/text_to_image.py PIPELINE_DIR "a red cube"
+    python examples/text_to_image.py PIPELINE_DIR "a red cube"               # 2 ranks started for you
     python examples/text_to_image.py PIPELINE_DIR "a red cube" --reference   # one process, the oracle
+    torchrun --nproc_per_node 2 examples/text_to_image.py PIPELINE_DIR "a red cube"   # every rank runs it
 
 PIPELINE_DIR is a local diffusers pipeline folder (``save_pretrained``): SD 1.5/2.1, SDXL, SD3,
-Flux, PixArt, ... Nothing is downloaded. Every rank runs this script; rank 0 saves the image.
+Flux, PixArt, Wan, ... Nothing is downloaded. In a plain process the pipeline runs here and its
+denoiser on the started ranks; under torchrun every rank runs this script and rank 0 saves the image.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A video pipeline (Stable Video Diffusion, AnimateDiff, ...) on N processes with one call.
 
-    torchrun --nproc_per_node 2 examples/video.py PIPELINE_DIR --prompt "a red cube"    # text-to-video
-    torchrun --nproc_per_node 2 examples/video.py PIPELINE_DIR --image first.png        # image-to-video
-    python examples/video.py PIPELINE_DIR --prompt "a red cube" --reference             # one process
+    python examples/video.py PIPELINE_DIR --prompt "a red cube"                # text-to-video, 2 ranks
+    python examples/video.py PIPELINE_DIR --image first.png                    # image-to-video
+    python examples/video.py PIPELINE_DIR --prompt "a red cube" --reference    # one process
 
 PIPELINE_DIR is a local diffusers video pipeline folder (``save_pretrained``). Rank 0 writes
 every frame as a PNG and the clip as an animated GIF under --out.
