@@ -80,3 +80,22 @@ def test_the_callers_generator_advances_as_if_the_call_ran_here(folder, tmp_path
         theirs = torch.Generator().manual_seed(5)
         pipe(**kwargs, num_inference_steps=2, generator=theirs, output_type="latent")
     assert torch.equal(mine.get_state(), theirs.get_state())
+
+
+def test_a_dead_rank_fails_the_call_and_the_next_call_starts_new_ranks(folder, tmp_path):
+    import signal
+
+    from asyncdiff_partition.runtime.ranks import RankError
+
+    path, kwargs = folder
+    with parallelize(load_pipeline(path), devices=2, warmup=1, cache_dir=tmp_path) as pipe:
+        engine = vars(pipe)["_asyncdiff_parallel"]
+        first = sample(pipe, kwargs, STEPS)
+        victim = engine.pool.processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        with pytest.raises(RankError, match="rank 1 died"):
+            sample(pipe, kwargs, STEPS)
+        assert engine.pool is None and engine.counts["starts"] == 1
+        assert torch.equal(sample(pipe, kwargs, STEPS), first)  # new ranks, the same structure, no new capture
+        assert engine.counts["starts"] == 2 and engine.counts["captures"] == 1

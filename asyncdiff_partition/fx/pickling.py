@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 
-__all__ = ["dump_graph", "is_stand_in", "load_graph", "load_saved", "stand_in"]
+__all__ = ["LOAD_DEVICE", "dump_graph", "is_stand_in", "load_graph", "load_saved", "stand_in"]
 
 # Note [pickling a captured model]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -181,11 +181,15 @@ class _Saved:
         return load_saved, self.args
 
 
+LOAD_DEVICE = {"device": "cpu"}  # where load_saved puts a weight: a rank sets its own device before it loads
+
+
 def load_saved(file: str, key: str, parameter: bool) -> torch.Tensor:
-    """The tensor ``key`` of a safetensors file (memory-mapped, only this tensor read), in its saved dtype."""
+    """The tensor ``key`` of a safetensors file (memory-mapped, only this tensor read), in its saved dtype,
+    straight on ``LOAD_DEVICE["device"]``."""
     from safetensors import safe_open
 
-    with safe_open(file, framework="pt", device="cpu") as handle:
+    with safe_open(file, framework="pt", device=str(LOAD_DEVICE["device"])) as handle:
         t = handle.get_tensor(key)
     return torch.nn.Parameter(t, requires_grad=False) if parameter else t
 

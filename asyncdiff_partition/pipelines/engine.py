@@ -127,6 +127,9 @@ class Engine(Prepared):
                 self.pool = None
                 self.failures += 1
             raise
+        except BaseException:  # interrupted: the pool closed itself; the next call starts new ranks
+            self.pool = None
+            raise
 
     # --- calls -----------------------------------------------------------------------------
 
@@ -245,10 +248,12 @@ class RemoteDenoiser:
 
 def engine_rank(config: dict[str, Any]) -> Callable[[Any], Any]:
     """Built in every rank of an engine (runtime.ranks): this rank's step denoisers, by stream."""
+    from asyncdiff_partition.fx.pickling import LOAD_DEVICE
     from asyncdiff_partition.runtime import comm
 
     settings = ParallelConfig.from_dict(config)
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // settings.world))
+    LOAD_DEVICE["device"] = str(comm.device())  # weights read by name go straight to this rank's device
     return _EngineRank(settings, comm.rank())
 
 

@@ -135,7 +135,13 @@ class RankPool:
                 connection.send(message)
             except OSError as error:
                 raise RankError(f"rank {rank} cannot be reached: {error}", rank, str(error), True) from None
-        return self._collect(timeout_s, "running a command")
+        try:
+            return self._collect(timeout_s, "running a command")
+        except RankError:
+            raise
+        except BaseException:  # interrupted while the ranks work: their answers would come out of step
+            self.close()
+            raise
 
     def _collect(self, timeout_s: float | None, what: str) -> dict[int, Any]:
         replies: dict[int, tuple] = {}
