@@ -99,3 +99,15 @@ def test_a_dead_rank_fails_the_call_and_the_next_call_starts_new_ranks(folder, t
         assert engine.pool is None and engine.counts["starts"] == 1
         assert torch.equal(sample(pipe, kwargs, STEPS), first)  # new ranks, the same structure, no new capture
         assert engine.counts["starts"] == 2 and engine.counts["captures"] == 1
+
+
+def test_at_most_max_structures_stay_prepared_the_least_recently_used_is_dropped(folder, tmp_path):
+    path, kwargs = folder
+    with parallelize(load_pipeline(path), devices=2, warmup=1, cache_dir=tmp_path, max_structures=1) as pipe:
+        engine = vars(pipe)["_asyncdiff_parallel"]
+        for size in (16, 24, 16):
+            sample(pipe, {**kwargs, "height": size, "width": size}, 2)
+            assert len(engine.compiled) == len(engine.shipped) == 1
+        assert engine.counts["captures"] == 3  # 16 was dropped when 24 came, so it was prepared again
+        held = engine.command(("memory",))  # a dropped structure's segment and streams are gone from the ranks
+        assert all(r["live_tensor_bytes"] < 2 * r["param_bytes"] + 2**20 for r in held.values())

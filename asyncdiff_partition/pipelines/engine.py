@@ -264,6 +264,7 @@ class _EngineRank:
         self.config, self.rank = config, rank
         self.segments: dict[tuple[str, CallKey], tuple[Any, Shipped]] = {}
         self.streams: dict[int, Any] = {}
+        self.opened: dict[int, tuple[str, CallKey]] = {}  # stream -> the structure it runs
 
     def __call__(self, message: tuple) -> Any:
         kind, *rest = message
@@ -285,11 +286,15 @@ class _EngineRank:
     def _drop(self, keys: list[tuple[str, CallKey]]) -> None:
         for key in keys:
             self.segments.pop(key, None)
+            for stream in [s for s, k in self.opened.items() if k == key]:
+                self.streams.pop(stream, None)
+                self.opened.pop(stream)
 
     def _open(self, stream: int, name: str, key: CallKey) -> None:
         from asyncdiff_partition.runtime.hybrid import rank_denoiser
 
         segment, item = self.segments[(name, key)]
+        self.opened[stream] = (name, key)
         config = self.config
         self.streams[stream] = rank_denoiser(segment, plan_from_dict(item.plan), input_names=item.inputs,
                                              latent=item.latent, warmup=config.warmup, stride=config.stride,
