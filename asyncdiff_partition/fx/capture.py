@@ -17,7 +17,6 @@ import contextlib
 import inspect
 import keyword
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
+from asyncdiff_partition.core.quiet import quiet_loggers
 from asyncdiff_partition.fx.failures import describe_failure
 from asyncdiff_partition.fx.pickling import dump_graph, load_graph
 
@@ -290,26 +290,10 @@ def _data_as_detach() -> Iterator[None]:
 _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
 
 
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """torch.export logs a whole graph when it gives up on a data-dependent value; the capture's own
-    error says what failed (fx/failures.py). Shown with $ASYNCDIFF_DEBUG."""
-    if os.environ.get("ASYNCDIFF_DEBUG"):
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR + 1)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _trace_export(wrapper: _FlatCall, example: list[torch.Tensor]) -> torch.fx.GraphModule:
-    with _data_as_detach(), _quiet_export():
+    # torch.export logs a whole graph when it gives up on a data-dependent value; the capture's own
+    # error says what failed (fx/failures.py)
+    with _data_as_detach(), quiet_loggers(*_EXPORT_LOGGERS, level=logging.ERROR):
         program = torch.export.export(wrapper, tuple(example), strict=False)
     gm = program.module()
     gm.graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward(*tensors)

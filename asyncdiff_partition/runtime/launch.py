@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from typing import Any
 
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.core.files import write_json_atomic
+from asyncdiff_partition.core.quiet import DEBUG_ENV, quiet_loggers
 from asyncdiff_partition.runtime import comm
 
 __all__ = ["GRACE_S", "Interrupted", "LaunchError", "handle_interrupts", "is_launched_externally", "launch",
@@ -72,7 +72,6 @@ _START_METHODS = ("spawn", "fork", "forkserver")
 START_ENV = "ASYNCDIFF_START_METHOD"  # how launch starts workers when not told: spawn (default), fork, forkserver
 _server_environment: dict[str, str] | None = None
 _LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run", "torch.multiprocessing")
-DEBUG_ENV = "ASYNCDIFF_DEBUG"  # set (by --debug): keep torch's logs and warnings
 
 
 class LaunchError(AsyncDiffError, RuntimeError):
@@ -365,20 +364,10 @@ def _launch_error(failures: dict[int, tuple[int, str]], folder: str, killed: set
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Torch's elastic logs (tracebacks of failed workers, shutdown notes) only with $ASYNCDIFF_DEBUG."""
-    if os.environ.get(DEBUG_ENV):
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in _LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
+    with quiet_loggers(*_LOGGERS), warnings.catch_warnings():
+        if not os.environ.get(DEBUG_ENV):
             warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        yield
 
 
 @contextlib.contextmanager
