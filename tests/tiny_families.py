@@ -22,7 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_pipelines import TEXT, TOKENS, _ddim, _seeded, clip_text, random_image, sd_unet, t5_text, tokenizer, vae
+from tiny_pipelines import (
+    TEXT,
+    TOKENS,
+    _ddim,
+    _seeded,
+    clip_text,
+    random_image,
+    sd_unet,
+    sdxl_parts,
+    t5_text,
+    tokenizer,
+    vae,
+)
 
 __all__ = ["NEW_FAMILIES", "DENOISERS", "CALLS_PER_STEP", "STEPS", "STEP_ARGS", "build", "sample", "expected_calls"]
 
@@ -336,19 +348,10 @@ def pag_sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
 
     guidance_scale 5 and pag_scale 3: ONE UNet call per step on a batch of 3 (uncond, cond, perturbed).
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPAGPipeline
+    from diffusers import StableDiffusionXLPAGPipeline
 
     _seeded(seed)
-    unet = sd_unet(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * TEXT,
-                   transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
-                   projection_class_embeddings_input_dim=6 * 8 + TEXT)
-    tok = tokenizer(folder)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPAGPipeline(vae=vae(), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True),
-                                        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler,
-                                        add_watermarker=False, pag_applied_layers=["mid"])
+    pipe = StableDiffusionXLPAGPipeline(**sdxl_parts(folder), add_watermarker=False, pag_applied_layers=["mid"])
     return pipe, dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=5.0, pag_scale=3.0, output_type="latent")
 
 

@@ -113,11 +113,10 @@ def sd(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=5.0)
 
 
-def sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """SDXL: two CLIP encoders, a text_time UNet (added_cond_kwargs)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+def sdxl_parts(folder: str | Path) -> dict[str, Any]:
+    """SDXL's components: two CLIP encoders, a text_time UNet (added_cond_kwargs), Euler (leading)."""
+    from diffusers import EulerDiscreteScheduler
 
-    _seeded(seed)
     unet = sd_unet(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * TEXT,
                    transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -125,8 +124,16 @@ def sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     tok = tokenizer(folder)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True),
-                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler)
+    return dict(vae=vae(), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True), tokenizer=tok,
+                tokenizer_2=tok, unet=unet, scheduler=scheduler)
+
+
+def sdxl(folder: str | Path, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """SDXL: two CLIP encoders, a text_time UNet (added_cond_kwargs)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    _seeded(seed)
+    pipe = StableDiffusionXLPipeline(**sdxl_parts(folder))
     return pipe, dict(prompt="a red cube", height=SIZE, width=SIZE, guidance_scale=5.0)
 
 
