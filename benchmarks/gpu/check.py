@@ -119,20 +119,6 @@ def feed_of(captured: Any) -> dict[str, torch.Tensor]:
     return {spec.name: t for spec, t in zip(captured.inputs, captured.example)}
 
 
-class Unsplit:
-    """The captured model as a step denoiser (the sequential baseline)."""
-
-    def __init__(self, captured: Any):
-        self.captured = captured
-
-    def reset(self, timesteps: Any) -> None:
-        pass
-
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.captured.graph_module(*[inputs[s.name] for s in self.captured.inputs])
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def timesteps_for(steps: int) -> list[int]:
     from diffusers import DDIMScheduler
 
@@ -245,14 +231,14 @@ def step_reference(args, dev, dtype, size, cpu_size, timesteps, repeats, results
     from asyncdiff_partition.fx.opgraph import build_op_graph
     from asyncdiff_partition.fx.ready import ready_segments
     from asyncdiff_partition.fx.split import split_graph
-    from asyncdiff_partition.runtime.reference import ReferenceSchedule
+    from asyncdiff_partition.runtime.reference import ReferenceSchedule, UnsplitDenoiser
 
     captured, plan = state["captured"], state["plan"]
     segments = ready_segments(captured, plan, world_size=2)  # what the ranks of step 3 are shipped
     state["segments"] = segments
     feed = feed_of(captured)
     latent = captured.latent.name
-    unsplit_eps, unsplit_x = ranks.sample(Unsplit(captured), feed, latent, timesteps)
+    unsplit_eps, unsplit_x = ranks.sample(UnsplitDenoiser(captured), feed, latent, timesteps)
     exact_eps, exact_x = ranks.sample(ReferenceSchedule(segments, warmup=len(timesteps)), feed, latent, timesteps)
     async_eps, async_x = ranks.sample(ReferenceSchedule(segments, warmup=1), feed, latent, timesteps)
     state.update(reference_eps=async_eps, reference_x=async_x, feed=feed)
