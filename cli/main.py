@@ -22,12 +22,15 @@ from typing import Any
 import click
 
 from asyncdiff_partition.core.baseline import make_asyncdiff_plan
+from asyncdiff_partition.core.config import ParallelConfig
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.core.hybrid_plan import plan_hybrid_file
 from asyncdiff_partition.core.phases import PhaseError, check_phases
 from asyncdiff_partition.core.plan import format_plan, make_plan
 from asyncdiff_partition.core.profile import Profile
 from asyncdiff_partition.core.summary import format_bytes, format_summary
+
+from .options import parallel_config, parallel_options, refuse
 
 # Errors a user can cause and fix; each becomes one line on stderr and exit status 1. Click's
 # own usage errors are click's to print. Anything else is a bug and keeps its traceback.
@@ -191,9 +194,11 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @main.command()
 @click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
               help="Profile file from `asyncdiff-partition profile`.")
-@click.option("--devices", "n_devices", required=True, type=click.IntRange(min=1), help="N, the number of segments.")
-@click.option("--stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="2 = stride denoising (one extra rank).")
+@click.option("--devices", required=True, type=click.IntRange(min=1),
+              help="D, all devices (ranks) the plan runs on: N = D - S + 1 segments (a hybrid plan splits D into "
+                   "B batch groups x (N + S - 1)).")
+@click.option("--stride", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="S: 2 = stride denoising (one extra rank).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Warm-up steps W.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps T.")
 @click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -210,8 +215,7 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option("--model", "model_spec", default=None, metavar="NAME|DIR|FILE.onnx",
               help="With --measure: where to load the profiled model from (default: the profile's name).")
 @click.option("--profile-sliced", "sliced_path", default=None, type=click.Path(dir_okay=False),
-              help="Hybrid plan: the same model profiled at batch / B; --devices is then all D devices, "
-                   "split as B batch groups x (N + S - 1).")
+              help="Hybrid plan: the same model profiled at batch / B; B, N and S are then chosen for --devices.")
 @click.option("--batch-parallel", type=click.IntRange(min=1), default=None,
               help="Hybrid plan: fix the batch-parallel degree B (default: the fastest within the budget).")
 @click.option("--max-stale-hops", type=click.IntRange(min=0), default=1, show_default=True,
@@ -222,35 +226,45 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option("--extrapolation", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
               help="λ: asynchronous steps read v(s-1) + λ (v(s-1) - v(s-2)) for the stale v(s-1) "
                    "(stride 1; `eval` finds a good λ for a model).")
+@click.option("--latency-slack", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="How much slower than the fastest split a less stale split may be (0: the fastest).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
+@click.pass_context
 @user_errors
-def plan(profile_path, n_devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
-         measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, extrapolation, out_path) -> None:
-    """Partition a profiled model into N latency-balanced segments and save the plan."""
-    if (sliced_path or batch_parallel or phases_json) and extrapolation:
-        raise click.UsageError("--extrapolation makes segment plans (one batch group); leave it out of hybrid "
-                               "plans (--profile-sliced, --batch-parallel, --phases)")
+def plan(ctx, profile_path, devices, stride, warmup, steps, bandwidth, latency_ms, speeds, boundaries, compare,
+         measure, model_spec, sliced_path, batch_parallel, max_stale_hops, phases_json, extrapolation, latency_slack,
+         out_path) -> None:
+    """Partition a profiled model into latency-balanced segments for D devices and save the plan."""
     if sliced_path or batch_parallel or phases_json:
-        click.echo(plan_hybrid_file(profile_path, n_devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
-                                    max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup,
-                                    steps=steps, bandwidth_gbps=bandwidth, out_path=out_path))
+        refuse(ctx, ["stride", "speeds", "boundaries", "compare", "measure", "model_spec", "latency_ms", "extrapolation",
+                     "latency_slack"],
+               "only for plans of one batch group; a hybrid plan (--profile-sliced, --batch-parallel, --phases) "
+               "chooses N and S itself, so leave them out")
+        click.echo(plan_hybrid_file(profile_path, devices, sliced_path=sliced_path, batch_parallel=batch_parallel,
+                                max_stale_hops=max_stale_hops, phases_json=phases_json, warmup=warmup,
+                                steps=steps, bandwidth_gbps=bandwidth, out_path=out_path))
         return
+    refuse(ctx, ["max_stale_hops"], "the budget of a hybrid plan; add --profile-sliced, --batch-parallel or --phases")
+    if not measure:
+        refuse(ctx, ["model_spec"], "read by --measure only; add --measure or leave it out")
+    n_segments = ParallelConfig(devices=devices, stride=stride, warmup=warmup, extrapolation=extrapolation,
+                                latency_slack=latency_slack).checked().segments
     loaded = Profile.load(profile_path)
-    options = dict(stride=int(stride), warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
+    options = dict(stride=stride, warmup=warmup, steps=steps, speeds=_float_list(speeds, "--speeds"),
                    bandwidth_gbps=bandwidth, link_latency_ms=latency_ms)
     hand = [b for b in boundaries.split(",") if b.strip()] if boundaries else None
-    result = make_plan(loaded, n_devices, boundaries=hand, profile_path=str(profile_path), extrapolation=extrapolation,
-                       **options)
+    result = make_plan(loaded, n_segments, boundaries=hand, profile_path=str(profile_path), extrapolation=extrapolation,
+                       latency_slack=latency_slack, **options)
     result.save(out_path)
-    hand_plan = make_asyncdiff_plan(loaded, n_devices, **options) if compare else None
+    hand_plan = make_asyncdiff_plan(loaded, n_segments, **options) if compare else None
     measure_plan = _plan_timer(model_spec or loaded.model) if measure else None
     measured = measure_plan(loaded, result, model_spec=model_spec) if measure_plan else None
-    click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {n_devices} device(s)",
-                           measured=measured))
+    click.echo(format_plan(result, title=f"{result.model}: {result.method} plan for {devices} device(s), "
+                                         f"N={n_segments} segment(s)", measured=measured))
     if hand_plan is not None:
         click.echo("")
         hand_measured = measure_plan(loaded, hand_plan, model_spec=model_spec) if measure_plan else None
-        click.echo(format_plan(hand_plan, title=f"AsyncDiff's hand split at N={n_devices}", measured=hand_measured))
+        click.echo(format_plan(hand_plan, title=f"AsyncDiff's hand split at N={n_segments}", measured=hand_measured))
     click.echo(f"wrote {out_path}")
 
 
@@ -277,13 +291,10 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
               help="Sample --model PIPELINE_DIR's own pipeline with this prompt, parallelized.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None,
               help="With --prompt: the conditioning image (ControlNet, image-to-X pipelines).")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="With --prompt: N segments (default: the plan's, else 2).")
 @click.option("--size", type=click.IntRange(min=8), default=None,
               help="With --prompt: image height/width in pixels (default: the pipeline's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps T (default: the plan's).")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps W (default: the plan's).")
-@click.option("--stride", type=click.Choice(["1", "2"]), default=None, help="Stride S (default: the plan's).")
+@parallel_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, conditioning and noise.")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale (<= 1: none; conditional models only). "
@@ -296,18 +307,13 @@ def _plan_timer(model_spec: str) -> Callable[..., list[float]]:
               help="Processes to spawn; must equal the plan's world size (default: that).")
 @click.option("--reference", is_flag=True,
               help="Run the single-process reference schedule instead of the ranks.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds a rank waits for another before giving up; a rank that stops answering ends "
-              "the run within this + a few seconds.")
 @click.option("--oversubscribe", is_flag=True,
               help="Start more ranks than there are devices (GPUs, or CPU cores for CPU ranks).")
-@click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile each rank's segment (CUDA graphs on CUDA; on CPU needs a C++ compiler, "
-              "else eager with a warning).")
 @click.pass_context
 @user_errors
-def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance, out_dir,
-        trace_path, nproc, reference, timeout_s, oversubscribe, compile_) -> None:
+def run(ctx, model_spec, plan_path, prompt, image, size, steps, devices, batch_parallel, stride, warmup, switch_warmup,
+        phases_json, extrapolation, latency_slack, compile_, timeout_s, seed, guidance, out_dir, trace_path, nproc,
+        reference, oversubscribe) -> None:
     """Sample with a plan: every rank runs the pipeline, the denoiser runs asynchronously.
 
     With --prompt (and --image), --model is a saved diffusers pipeline folder: its own pipeline
@@ -317,14 +323,17 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
     from asyncdiff_partition.runtime.launch import DEBUG_ENV, Interrupted, handle_interrupts
 
     if prompt is not None or image is not None:
-        _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
-                      out_dir, reference, timeout_s, trace_path, nproc, oversubscribe, compile_)
+        _run_pipeline(ctx, model_spec, plan_path, prompt, image, size, steps, seed, guidance, out_dir, reference,
+                      trace_path, nproc, oversubscribe)
         return
     if plan_path is None:
         from asyncdiff_partition.app.pipeline_job import PipelineJobError
 
         raise PipelineJobError("run needs --plan FILE (from 'asyncdiff-partition plan'), or --model PIPELINE_DIR "
                                "--prompt TEXT to run a saved pipeline")
+    refuse(ctx, ["size"], "only with --prompt (a plan fixes its shapes)")
+    refuse(ctx, ["devices", "batch_parallel", "switch_warmup", "phases_json", "extrapolation", "latency_slack"],
+           "fixed by the plan file; make another plan with `asyncdiff-partition plan` instead")
 
     if ctx.obj.get("debug"):
         os.environ[DEBUG_ENV] = "1"  # the ranks and the launcher keep torch's logs and warnings
@@ -333,10 +342,10 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
             from asyncdiff_partition.app.job import RunConfig, run_plan  # Note [light commands]
             from asyncdiff_partition.app.report import format_run
 
-            config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup,
-                               stride=int(stride) if stride else None, seed=seed, guidance=guidance, out_dir=out_dir,
+            config = RunConfig(model=model_spec, plan=plan_path, steps=steps, warmup=warmup, stride=stride, seed=seed,
+                               guidance=guidance, out_dir=out_dir,
                                trace=trace_path, reference=reference, nproc=nproc,
-                               threads=ctx.parent.params.get("threads"), timeout_s=timeout_s,
+                               threads=ctx.parent.params.get("threads"), timeout_s=timeout_s or 300.0,
                                oversubscribe=oversubscribe, compile=compile_)
             result = run_plan(config)  # the ONNX backend for an .onnx model or a plan of one
     except (Interrupted, KeyboardInterrupt) as interrupted:
@@ -354,20 +363,20 @@ def run(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup,
         click.echo(f"wrote {result['trace']}")
 
 
-def _run_pipeline(ctx, model_spec, plan_path, prompt, image, devices, size, steps, warmup, stride, seed, guidance,
-                  out_dir, reference, timeout_s, trace_path, nproc, oversubscribe, compile_) -> None:
+def _run_pipeline(ctx, model_spec, plan_path, prompt, image, size, steps, seed, guidance, out_dir, reference,
+                  trace_path, nproc, oversubscribe) -> None:
     from asyncdiff_partition.app.pipeline_job import PipelineJobError, PipelineRun, run_pipeline
-    from asyncdiff_partition.core.config import ParallelConfig
     from asyncdiff_partition.core.plan import Plan
 
     if model_spec is None:
         raise PipelineJobError("--prompt needs --model PIPELINE_DIR (a folder written by the pipeline's "
                                "save_pretrained); add --model")
-    if devices is None and plan_path is not None:
+    base = ParallelConfig()
+    if plan_path is not None:  # the plan's configuration, unless a flag says otherwise
         loaded = Plan.load(plan_path)
-        devices = loaded.world_size
-    parallel = ParallelConfig(devices=devices or 2, stride=int(stride or 1), warmup=1 if warmup is None else warmup,
-                              timeout_s=timeout_s, compile=compile_, threads=ctx.parent.params.get("threads")).checked()
+        base = ParallelConfig(devices=loaded.world_size, batch_parallel=loaded.batch_parallel, stride=loaded.stride,
+                              warmup=loaded.warmup, phases=loaded.phases, extrapolation=loaded.extrapolation)
+    parallel = parallel_config(ctx, base, threads=ctx.parent.params.get("threads"))
     config = PipelineRun(model=model_spec, prompt=prompt, image=image, plan=plan_path, size=size, steps=steps,
                          guidance=guidance, seed=seed, out_dir=out_dir, reference=reference, trace=trace_path,
                          nproc=nproc, oversubscribe=oversubscribe, progress=True, parallel=parallel)
@@ -439,7 +448,8 @@ def _phases(text: str) -> dict:
 
 @main.command("eval")
 @model_option
-@click.option("--devices", default="2,3,4", show_default=True, help="Values of N, comma-separated.")
+@click.option("--segments", default="2,3,4", show_default=True,
+              help="Values of N, the segments of one batch group (D = B x (N + S - 1) devices), comma-separated.")
 @click.option("--stride", default="1,2", show_default=True, help="Values of S (1 and/or 2).")
 @click.option("--warmup", default="0,1,3,5", show_default=True, help="Values of W, comma-separated.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps T.")
@@ -460,13 +470,13 @@ def _phases(text: str) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="eval", show_default=True,
               help="Folder for fidelity.csv, fidelity.md and fidelity.png.")
 @user_errors
-def eval_command(model_spec, devices, stride, warmup, steps, images, seed, guidance, no_hand_split, latency_slack,
+def eval_command(model_spec, segments, stride, warmup, steps, images, seed, guidance, no_hand_split, latency_slack,
                  calibration_images, batch_parallel, phases_json, out_dir) -> None:
     """Fidelity of asynchronous denoising against the sequential model, per N, S, W and split
     (PSNR, SSIM, predicted speedup; class accuracy and Fréchet distance on the digits model)."""
     from asyncdiff_partition.evaluation.evaluate import evaluate  # Note [light commands]
 
-    result = evaluate(model_spec, devices=_int_list(devices, "--devices"), strides=_int_list(stride, "--stride"),
+    result = evaluate(model_spec, devices=_int_list(segments, "--segments"), strides=_int_list(stride, "--stride"),
                       warmups=_int_list(warmup, "--warmup"), steps=steps, images=images, seed=seed,
                       guidance=guidance, hand_split=not no_hand_split,
                       latency_slacks=_float_list(latency_slack, "--latency-slack") or [],

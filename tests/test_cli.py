@@ -155,6 +155,48 @@ def test_plan_mistakes_are_one_line(run, profile_file, tmp_path, extra, message)
     assert len([l for l in result.output.splitlines() if l.startswith("error:")]) == 1
 
 
+def test_plan_devices_are_all_ranks_and_stride_takes_one_of_them(run, profile_file, tmp_path):
+    """Note [one flag, one meaning]: --devices is D in every command; stride 2 spends one rank, so N = D - 1."""
+    from asyncdiff_partition.core.plan import Plan
+
+    out = tmp_path / "s2.json"
+    result = run("plan", "--profile", profile_file, "--devices", "3", "--stride", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "plan for 3 device(s), N=2 segment(s)" in result.output
+    plan = Plan.load(out)
+    assert (plan.n_devices, plan.stride, plan.world_size) == (2, 2, 3)
+    result = run("plan", "--profile", profile_file, "--devices", "1", "--stride", "2", "--out", str(out))
+    assert result.exit_code == 1 and "leave no segment" in result.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-parallel", "2", "--speeds", "1,1"], "--speeds: only for plans of one batch group"),
+    (["--phases", '{"kind": "adaptive", "threshold": 0.3}', "--stride", "2", "--compare", "asyncdiff"],
+     "--stride, --compare: only for plans of one batch group"),
+    (["--batch-parallel", "2", "--latency-slack", "0.1"], "--latency-slack: only for plans of one batch group"),
+    (["--max-stale-hops", "2"], "--max-stale-hops: the budget of a hybrid plan"),
+    (["--model", "tiny-unet2d"], "--model: read by --measure only"),
+])
+def test_plan_refuses_what_it_would_not_honour(run, profile_file, tmp_path, extra, message):
+    out = tmp_path / "p.json"
+    result = run("plan", "--profile", profile_file, "--devices", "2", "--out", str(out), *extra)
+    assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--devices", "2"], "--devices: fixed by the plan file"),
+    (["--batch-parallel", "2", "--extrapolation", "0.5"], "--batch-parallel, --extrapolation: fixed by the plan file"),
+    (["--size", "64"], "--size: only with --prompt"),
+])
+def test_run_with_a_plan_refuses_what_the_plan_fixes(run, profile_file, tmp_path, extra, message):
+    plan, out = tmp_path / "p.json", tmp_path / "out"
+    assert run("plan", "--profile", profile_file, "--devices", "2", "--out", str(plan)).exit_code == 0
+    result = run("run", "--plan", str(plan), "--out", str(out), *extra)
+    assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output, result.output
+    assert not out.exists()
+
+
 def test_plan_with_a_missing_or_corrupt_profile(run, tmp_path):
     result = run("plan", "--profile", str(tmp_path / "nope.json"), "--devices", "2")
     assert result.exit_code == 1 and "does not exist" in result.output
@@ -281,6 +323,9 @@ def test_run_a_saved_pipeline_with_a_prompt_on_two_ranks_equals_its_reference(ru
     (["--nproc", "3"], "--nproc 3 but the run has 2 ranks"),
     (["--devices", "3"], "the run needs 3 processes but this machine has"),
     (["--stride", "3"], "Invalid value for '--stride'"),
+    (["--batch-parallel", "2", "--stride", "2"], "devices=2 leave no segment with batch_parallel=2 and stride=2"),
+    (["--extrapolation", "0.5", "--stride", "2", "--devices", "3"], "extrapolation needs stride 1"),
+    (["--phases", "{"], "--phases must be JSON"),
     (["--devices", "2", "--stride", "2", "--warmup", "-1"], "Invalid value for '--warmup'"),
 ])
 def test_pipeline_run_options_are_honoured_or_refused_in_one_line(run, pipeline_folders, tmp_path, extra, message,
@@ -290,6 +335,21 @@ def test_pipeline_run_options_are_honoured_or_refused_in_one_line(run, pipeline_
     result = run("run", "--model", str(pipeline_folders / "sd"), "--prompt", "a red cube", "--out", str(out), *extra)
     assert result.exit_code != 0 and message in result.output
     assert not out.exists()
+
+
+def test_pipeline_run_honours_batch_groups_and_phases(run, pipeline_folders, tmp_path, monkeypatch):
+    """--batch-parallel and --phases reach the plan the run writes (reference schedule: no ranks needed)."""
+    from asyncdiff_partition.core.plan import Plan
+
+    monkeypatch.setenv("ASYNCDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = run("run", "--model", str(pipeline_folders / "sd"), "--prompt", "a red cube", "--steps", "3", "--reference",
+                 "--devices", "2", "--batch-parallel", "2", "--phases", '{"kind": "fixed", "async_steps": [1, 2]}',
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(out / "plan.json")
+    assert (plan.batch_parallel, plan.n_devices, plan.phases["kind"]) == (2, 1, "fixed")
+    assert (out / "image-0.png").is_file()
 
 
 def test_run_a_controlnet_folder_with_an_image(run, pipeline_folders, tmp_path, monkeypatch):

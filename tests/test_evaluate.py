@@ -82,7 +82,7 @@ def test_bad_settings_are_rejected():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--devices", "2,x"], "--devices expects comma-separated integers"),
+    (["--segments", "2,x"], "--segments expects comma-separated integers"),
     (["--warmup", "-1"], "warmups must be a non-empty list of W >= 0"),
     (["--model", "no-such-model"], "unknown model"),
     (["--latency-slack", "-1"], "latency slacks must be finite numbers >= 0"),
