@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from asyncdiff_partition.cli.options import parallel_config, parallel_options, refuse
 from asyncdiff_partition.core.baseline import make_asyncdiff_plan
 from asyncdiff_partition.core.config import ParallelConfig
 from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
@@ -29,8 +30,6 @@ from asyncdiff_partition.core.phases import PhaseError, check_phases
 from asyncdiff_partition.core.plan import format_plan, make_plan
 from asyncdiff_partition.core.profile import Profile
 from asyncdiff_partition.core.summary import format_bytes, format_summary
-
-from .options import parallel_config, parallel_options, refuse
 
 # Errors a user can cause and fix; each becomes one line on stderr and exit status 1. Click's
 # own usage errors are click's to print. Anything else is a bug and keeps its traceback.
