@@ -92,3 +92,24 @@ def _ranked_samples(families: list[str], folder: str, cache: str) -> dict[str, t
         parallelize(pipe, devices=2, warmup=1, cache_dir=cache, timeout_s=120)
         out[family] = sample(pipe, kwargs, STEPS.get(family, 3))
     return out
+
+
+def test_batch_groups_take_the_calls_of_a_step_side_by_side(folders, reference):
+    """Wan 2.1 makes its conditional and unconditional passes as two calls per step. With
+    batch_parallel = 2 on 2 engine ranks, call k of every step runs on group k while the pipeline goes
+    on to the next call (Note [pending predictions]); one segment per group leaves nothing stale, so
+    the video equals the unwrapped pipeline's exactly."""
+    folder, cache = folders
+    expected = reference("wan_t2v")["original"]
+    pipe, kwargs = build("wan_t2v", folder)
+    parallelize(pipe, devices=2, batch_parallel=2, warmup=1, cache_dir=cache, timeout_s=120)
+    engine = vars(pipe)["_asyncdiff_parallel"]
+    try:
+        out = sample(pipe, kwargs, STEPS.get("wan_t2v", 3))
+        reports = engine.reports()
+    finally:
+        pipe.close()
+    assert torch.equal(out, expected), "batch groups over a step's calls differ from the pipeline"
+    for rank, reply in reports.items():  # group k ran call k of every step, and nothing else
+        calls = {row["call"] for row in reply["steps"]["transformer"]}
+        assert calls == {rank}, (rank, calls)

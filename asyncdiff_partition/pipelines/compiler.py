@@ -33,7 +33,7 @@ from asyncdiff_partition.fx.layout import ReadySegment
 from asyncdiff_partition.pipelines.recording import Call, DenoiserRecord
 from asyncdiff_partition.pipelines.structure import configured
 
-__all__ = ["CACHE_ENV", "Compiled", "PlanBook", "choose_plan", "compile_call", "default_cache_dir", "own_forward",
+__all__ = ["CACHE_ENV", "Compiled", "PlanBook", "branch_groups", "choose_plan", "compile_call", "default_cache_dir", "own_forward",
            "used_names", "whole_batch"]
 
 CACHE_ENV = "ASYNCDIFF_CACHE"
@@ -65,6 +65,7 @@ class Compiled:
     latent: str
     inputs: list[str]
     captured: CapturedModel | None = None
+    branches: bool = False  # batch groups take a step's separate calls (Note [pending predictions]), not slices
 
 
 class PlanBook:
@@ -135,16 +136,35 @@ def compile_call(record: DenoiserRecord, call: Call, config: ParallelConfig, pla
     from asyncdiff_partition.fx.ready import ready_segments
 
     module = record.module
+    branches = branch_groups(record, config)
+    sliced = 1 if branches else config.groups
     with own_forward(module), configured(module, call.configuration):
         captures = {} if captures is None else captures
-        if call.key not in captures:
-            captures[call.key] = capture_model(module, (), _group_call(call.call, record.rows, config.groups))
-        captured = captures[call.key]
+        if (call.key, sliced) not in captures:
+            captures[(call.key, sliced)] = capture_model(module, (), _group_call(call.call, record.rows, sliced))
+        captured = captures[(call.key, sliced)]
         timestep = _timestep_input(captured, record, config.stride)
         plan = plans.choose(record.name, module, captured, record.per_step)
         segments = ready_segments(captured, plan, world_size=world, stride=config.stride)
-    binding = whole_batch(captured, config.groups)
-    return Compiled(binding, plan, segments, timestep, captured.latent.name, [s.name for s in captured.inputs], captured)
+    binding = whole_batch(captured, sliced)
+    return Compiled(binding, plan, segments, timestep, captured.latent.name, [s.name for s in captured.inputs], captured,
+                    branches)
+
+
+def branch_groups(record: DenoiserRecord, config: ParallelConfig) -> bool:
+    """Whether the batch groups take the separate calls of a step (one call each, Note [pending
+    predictions] in pipelines/pending.py) rather than slices of one call's batch.
+
+    Raises:
+        ConfigError: B groups and a denoiser called neither once nor B times per step.
+    """
+    if config.groups == 1 or record.per_step == 1:
+        return False
+    if record.per_step == config.groups:
+        return True
+    raise ConfigError(f"{record.name!r} is called {record.per_step} times per step; batch_parallel={config.groups} "
+                      f"groups can take one call each only with batch_parallel={record.per_step}, or slice the batch "
+                      "of a denoiser called once per step")
 
 
 def _group_call(call: dict[str, Any], rows: int, groups: int) -> dict[str, Any]:

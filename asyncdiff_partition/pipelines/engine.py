@@ -63,6 +63,7 @@ class Shipped:
     timestep: str
     latent: str
     inputs: list[str]
+    branches: bool = False  # batch group g takes the calls at positions g, g + B, ... (Note [pending predictions])
 
 
 class Engine(Prepared):
@@ -89,6 +90,7 @@ class Engine(Prepared):
         self.counts = {"starts": 0, "recordings": 0, "captures": 0, "calls": 0}
         self.pool: Any = None  # started at the first call: set-up mistakes are found before any rank starts
         self.failures = 0
+        self.waiting: dict[int, Callable[[], dict[int, Any]]] = {}  # rank -> the reply it still owes
 
     # --- ranks -----------------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class Engine(Prepared):
             return
         begin = time.perf_counter()
         self.pool = RankPool(self.config.world, engine_rank, (self.config.to_dict(),), timeout_s=self.config.timeout_s)
+        self.waiting = {}
         self.counts["starts"] += 1
         for denoiser in self.denoisers.values():
             denoiser.streams.clear()  # streams of earlier ranks are gone
@@ -109,26 +112,62 @@ class Engine(Prepared):
         self.timings["start_s"] = time.perf_counter() - begin
 
     def close(self) -> None:
+        self.waiting = {}
         if self.pool is not None:
             self.pool.close()
             self.pool = None
         super().close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def command(self, message: tuple) -> dict[int, Any]:
-        """``message`` to every rank; a broken pool is closed (the next call starts new ranks)."""
+    def command(self, message: tuple, ranks: list[int] | None = None) -> dict[int, Any]:
+        """``message`` to every rank (or to ``ranks``), their replies; a broken pool is closed (the next call
+        starts new ranks)."""
+        return self.submit(message, ranks)()
+
+    def submit(self, message: tuple, ranks: list[int] | None = None) -> Callable[[], dict[int, Any]]:
+        """Send ``message`` now; the returned function waits for the replies (once). Every rank answers in
+        order, so the replies a rank still owes are taken before it is sent another message."""
+        targets = list(range(self.config.world)) if ranks is None else list(ranks)
+        for rank in targets:
+            owed = self.waiting.get(rank)
+            if owed is not None:
+                owed()
+        self._guarded(lambda: self.pool.send(message, targets))
+        replies: list[dict[int, Any]] = []
+
+        def collect() -> dict[int, Any]:
+            if not replies:
+                for rank in targets:
+                    self.waiting.pop(rank, None)
+                replies.append(self._guarded(lambda: self.pool.collect(targets)))
+            return replies[0]
+
+        for rank in targets:
+            self.waiting[rank] = collect
+        return collect
+
+    def group_ranks(self, group: int) -> list[int]:
+        """The ranks of batch group ``group``."""
+        size = self.config.world // self.config.groups
+        return list(range(group * size, (group + 1) * size))
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
         from asyncdiff_partition.runtime.ranks import RankError
 
+        if self.pool is None:
+            raise RankError("the ranks stopped; the next call starts new ones", 0, "closed", True)
         try:
-            return self.pool.call(message)
+            return work()
         except RankError as error:
             if error.broken:
                 self.pool.close()
                 self.pool = None
+                self.waiting = {}
                 self.failures += 1
             raise
         except BaseException:  # interrupted: the pool closed itself; the next call starts new ranks
             self.pool = None
+            self.waiting = {}
             raise
 
     # --- calls -----------------------------------------------------------------------------
@@ -166,7 +205,7 @@ class Engine(Prepared):
         saved = self._saved(name)
         ship_segments(compiled.segments, directory, replace(compiled.captured, model=None), saved=saved)  # no binding there
         shipped = Shipped(name, key, compiled.plan.to_dict(), directory, len(compiled.segments), compiled.timestep,
-                          compiled.latent, compiled.inputs)
+                          compiled.latent, compiled.inputs, compiled.branches)
         self.shipped[(name, key)] = shipped
         self.new.append(shipped)
         self.timings["ship_s"] += time.perf_counter() - begin
@@ -197,8 +236,8 @@ class Engine(Prepared):
                 self.command(("drop", [(name, key)]))
             shutil.rmtree(dropped.directory, ignore_errors=True)
 
-    def step_denoiser(self, name: str, key: CallKey, compiled: Compiled, stream: int) -> RemoteDenoiser:
-        return RemoteDenoiser(self, stream, name, key)
+    def step_denoiser(self, name: str, key: CallKey, compiled: Compiled, stream: int, position: int = 0) -> RemoteDenoiser:
+        return RemoteDenoiser(self, stream, name, key, position % self.config.groups if compiled.branches else None)
 
     def summary(self) -> list[str]:
         from asyncdiff_partition.pipelines.prepared import summary
@@ -223,24 +262,39 @@ class Engine(Prepared):
 
 
 class RemoteDenoiser:
-    """A step denoiser whose segments run on an engine's ranks (Note [engine]): a stream's calls go there."""
+    """A step denoiser whose segments run on an engine's ranks (Note [engine]): a stream's calls go there,
+    to every rank, or to batch group ``group``'s ranks only (Note [pending predictions])."""
 
-    def __init__(self, engine: Engine, stream: int, name: str, key: CallKey):
+    def __init__(self, engine: Engine, stream: int, name: str, key: CallKey, group: int | None = None):
         self.engine, self.stream, self.name = engine, stream, name
         self.warmup = engine.config.warmup
-        engine.command(("open", stream, name, key))
+        self.ranks = None if group is None else engine.group_ranks(group)
+        self.known: tuple[torch.Size, torch.dtype] | None = None  # ε's shape and dtype, from the first reply
+        engine.command(("open", stream, name, key, group))  # every rank: batch groups are made together
 
     def reset(self, timesteps: Sequence[float | int | None]) -> None:
-        self.engine.command(("reset", self.stream, list(timesteps), self.warmup))
+        self.engine.command(("reset", self.stream, list(timesteps), self.warmup), self.ranks)
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        from asyncdiff_partition.pipelines.pending import Pending
+
         device = next(iter(inputs.values())).device
-        replies = self.engine.command(("step", self.stream, {k: v.detach().cpu() for k, v in inputs.items()}))
-        return replies[0].to(device)
+        first = 0 if self.ranks is None else self.ranks[0]
+        collect = self.engine.submit(("step", self.stream, {k: v.detach().cpu() for k, v in inputs.items()}),
+                                     self.ranks)
+
+        def value() -> Tensor:
+            eps = collect()[first]
+            self.known = (eps.shape, eps.dtype)
+            return eps.to(device)
+
+        if self.ranks is None or self.known is None:
+            return value()
+        return Pending(value, shape=tuple(self.known[0]), dtype=self.known[1], device=device)
 
     def abandon(self) -> None:
         if self.engine.pool is not None:
-            self.engine.command(("abandon", self.stream))
+            self.engine.command(("abandon", self.stream), self.ranks)
 
 
 # --- one rank ----------------------------------------------------------------------------------
@@ -265,6 +319,8 @@ class _EngineRank:
         self.segments: dict[tuple[str, CallKey], tuple[Any, Shipped]] = {}
         self.streams: dict[int, Any] = {}
         self.opened: dict[int, tuple[str, CallKey]] = {}  # stream -> the structure it runs
+        self.replies: dict[int, int] = {}  # stream -> the rank that answers its steps
+        self.groups: Any = None  # this rank's batch group, made at the first stream of a step's calls
 
     def __call__(self, message: tuple) -> Any:
         kind, *rest = message
@@ -290,16 +346,27 @@ class _EngineRank:
                 self.streams.pop(stream, None)
                 self.opened.pop(stream)
 
-    def _open(self, stream: int, name: str, key: CallKey) -> None:
+    def _open(self, stream: int, name: str, key: CallKey, group: int | None = None) -> None:
         from asyncdiff_partition.runtime.hybrid import rank_denoiser
 
         segment, item = self.segments[(name, key)]
-        self.opened[stream] = (name, key)
-        config = self.config
-        self.streams[stream] = rank_denoiser(segment, plan_from_dict(item.plan), input_names=item.inputs,
-                                             latent=item.latent, warmup=config.warmup, stride=config.stride,
-                                             timestep_input=item.timestep, timeout_s=config.timeout_s,
-                                             compile=config.compile, stream=stream)
+        config, plan = self.config, plan_from_dict(item.plan)
+        options: dict[str, Any] = dict(input_names=item.inputs, latent=item.latent, warmup=config.warmup, stride=config.stride,
+                       timestep_input=item.timestep, timeout_s=config.timeout_s, compile=config.compile, stream=stream)
+        if group is None:
+            self.opened[stream], self.replies[stream] = (name, key), 0
+            self.streams[stream] = rank_denoiser(segment, plan, **options)
+            return
+        from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+        from asyncdiff_partition.runtime.groups import make_groups
+
+        size = config.world // config.groups
+        if self.groups is None:  # collective: every rank opens every stream, in the same order
+            self.groups = make_groups(config.groups, size)
+        if self.groups.index == group:  # the whole call, on this group's segment schedule
+            self.opened[stream], self.replies[stream] = (name, key), group * size
+            self.streams[stream] = AsyncDenoiser(segment, replace(plan, batch_parallel=1),
+                                                 group=self.groups.group, **options)
 
     def _reset(self, stream: int, timesteps: list[Any], warmup: int) -> None:
         denoiser = self.streams[stream]
@@ -309,7 +376,7 @@ class _EngineRank:
     def _step(self, stream: int, inputs: dict[str, Tensor]) -> Tensor | None:
         with torch.no_grad():
             eps = self.streams[stream](inputs)
-        return eps.cpu() if self.rank == 0 else None
+        return eps.cpu() if self.rank == self.replies[stream] else None
 
     def _abandon(self, stream: int) -> None:
         denoiser = self.streams.get(stream)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from asyncdiff_partition.core.config import ParallelConfig
-from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.core.errors import AsyncDiffError, ConfigError
 from asyncdiff_partition.core.plan import Plan, SegmentPlan
 from asyncdiff_partition.fx.layout import ReadySegment
 from asyncdiff_partition.pipelines.compiler import Compiled, PlanBook, compile_call
@@ -153,20 +153,24 @@ class Prepared:
         if compiled is None:
             raise NeedsCapture(name, position, step, key, "prepare this call first: warm(pipe, **call)")
         self.compiled.move_to_end((name, key))
-        denoiser = self.step_denoiser(name, key, compiled, self.streams_made)
+        denoiser = self.step_denoiser(name, key, compiled, self.streams_made, position)
         self.streams_made += 1
         return Stream(compiled.binding, denoiser, index)
 
-    def step_denoiser(self, name: str, key: CallKey, compiled: Compiled, stream: int) -> Any:
-        """The step denoiser of a new stream: the reference schedule here, this rank's denoiser on a rank."""
+    def step_denoiser(self, name: str, key: CallKey, compiled: Compiled, stream: int, position: int = 0) -> Any:
+        """The step denoiser of a new stream (call ``position`` of a step): the reference schedule here, this
+        rank's denoiser on a rank."""
         plan, config = compiled.plan, self.config
         if self.mode == "reference":
             from asyncdiff_partition.runtime.reference import ReferenceSchedule
 
             return ReferenceSchedule(compiled.segments, warmup=config.warmup, stride=config.stride,
                                      timestep_input=compiled.timestep, extrapolation=plan.extrapolation,
-                                     batch_parallel=plan.batch_parallel, latent_input=compiled.latent,
-                                     phases=plan.phases, compile=config.compile)
+                                     batch_parallel=1 if compiled.branches else plan.batch_parallel,
+                                     latent_input=compiled.latent, phases=plan.phases, compile=config.compile)
+        if compiled.branches:
+            raise ConfigError("batch groups over a step's separate denoiser calls run on the engine (parallelize in a "
+                              "plain process), not under an outside launcher; use batch_parallel=1 there")
         from asyncdiff_partition.runtime.hybrid import rank_denoiser
 
         return rank_denoiser(compiled.segments[0], plan, input_names=compiled.inputs, latent=compiled.latent,

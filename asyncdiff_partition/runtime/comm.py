@@ -209,25 +209,28 @@ def all_gather(tensor: Tensor, what: str = "all-gather", *, group: Group | None 
     return gathered.to(tensor.device) if staged else gathered
 
 
-def all_gather_object(obj: Any, what: str = "all-gather", timeout: float | None = None) -> list[Any]:
-    """Every rank's ``obj`` (small and picklable), in rank order (bounded by the timeout).
+def all_gather_object(obj: Any, what: str = "all-gather", timeout: float | None = None, *,
+                      group: Group | None = None) -> list[Any]:
+    """Every rank's (of ``group``) ``obj`` (small and picklable), in rank order (bounded by the timeout).
 
     Each rank's pickle travels as a byte tensor: lengths first, then the padded bytes, so that
     every wait is one of :func:`wait`'s.
     """
     import pickle
 
-    if world_size() == 1:
+    n = world_size() if group is None else len(group.ranks)
+    if n == 1:
         return [obj]
+    handle = None if group is None else group.handle
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device())
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device()) for _ in range(world_size())]
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device()) for _ in range(n)]
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device())
-    wait([_call(what, dist.all_gather, sizes, size, async_op=True)], f"{what} (sizes)", timeout)
+    wait([_call(what, dist.all_gather, sizes, size, group=handle, async_op=True)], f"{what} (sizes)", timeout)
     longest = int(max(int(t.item()) for t in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device())
     padded[: data.numel()] = data
-    gathered = [torch.empty(longest, dtype=torch.uint8, device=device()) for _ in range(world_size())]
-    wait([_call(what, dist.all_gather, gathered, padded, async_op=True)], what, timeout)
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device()) for _ in range(n)]
+    wait([_call(what, dist.all_gather, gathered, padded, group=handle, async_op=True)], what, timeout)
     return [pickle.loads(bytes(t[: int(n.item())].cpu().tolist())) for t, n in zip(gathered, sizes)]
 
 

@@ -70,8 +70,9 @@ def segment_for_rank(segments: Sequence[ReadySegment], rank: int | None = None) 
     return segments[slot_segment(comm.rank() if rank is None else rank, len(segments))]
 
 
-def check_agreement(segment: ReadySegment, plan: Plan, timeout_s: float | None = None) -> None:
-    """Every rank must run the same plan on the same model: compare fingerprints and placements.
+def check_agreement(segment: ReadySegment, plan: Plan, timeout_s: float | None = None, *,
+                    group: comm.Group | None = None) -> None:
+    """Every rank (of ``group``) must run the same plan on the same model: compare fingerprints and placements.
 
     One small all-gather (bounded by the process group's timeout), so a rank that captured
     another model or read another plan is one clear error on every rank, not a hang.
@@ -80,7 +81,7 @@ def check_agreement(segment: ReadySegment, plan: Plan, timeout_s: float | None =
         PlanError: the ranks disagree; the message names both sides.
     """
     mine = (plan.fingerprint, segment.fingerprint, segment.placement.digest())
-    everyone = comm.all_gather_object(mine, "plan and placement of every rank", timeout_s)
+    everyone = comm.all_gather_object(mine, "plan and placement of every rank", timeout_s, group=group)
     first = everyone[0]
     for rank, theirs in enumerate(everyone):
         if theirs != first:
@@ -188,7 +189,7 @@ class AsyncDenoiser:
         self.extrapolation = plan.extrapolation if extrapolation is None else extrapolation
         check_extrapolation(self.extrapolation, self.stride)
         check_timestep_input(timestep_input, self._input_names, stride=self.stride, time_shift=time_shift)
-        check_agreement(segment, plan, timeout_s)
+        check_agreement(segment, plan, timeout_s, group=group)
         if isinstance(segment.module, torch.nn.Module):
             move_module(segment.module, self.device)  # stand-ins stay one element (fx.device_move)
             if compile:

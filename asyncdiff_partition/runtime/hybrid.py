@@ -38,7 +38,7 @@ from asyncdiff_partition.core.schedule import n_slots, slot_segment
 from asyncdiff_partition.fx.layout import ReadySegment, TensorSlot
 from asyncdiff_partition.runtime import comm
 from asyncdiff_partition.runtime.batch import split_batch
-from asyncdiff_partition.runtime.denoiser import AsyncDenoiser
+from asyncdiff_partition.runtime.denoiser import AsyncDenoiser, check_agreement
 from asyncdiff_partition.runtime.groups import make_groups
 from asyncdiff_partition.runtime.policy import PhasePolicy, check_phases
 
@@ -119,6 +119,7 @@ class HybridDenoiser:
         self._latent = latent
         eps = next(iter(segment.layouts[OUTPUT].leaves), None)  # ε has the captured (sliced) rows
         self._rows = int(eps.shape[0]) if isinstance(eps, TensorSlot) and eps.shape else None
+        check_agreement(segment, plan, timeout_s)  # every group's ranks, not only this group's (the inner one)
         self.inner = AsyncDenoiser(segment, plan, input_names=input_names, latent=latent, warmup=warmup,
                                    stride=stride, time_shift=time_shift, timestep_input=timestep_input,
                                    timeout_s=timeout_s, example=example, compile=compile, group=self.groups.group,

@@ -121,37 +121,54 @@ class RankPool:
             rank = connection.recv()
             self.connections[rank] = connection
 
-    def call(self, message: Any, *, timeout_s: float | None = None) -> dict[int, Any]:
-        """Send ``message`` to every rank; every rank's reply, by rank.
+    def call(self, message: Any, *, timeout_s: float | None = None, ranks: list[int] | None = None) -> dict[int, Any]:
+        """Send ``message`` to every rank (or to ``ranks``); their replies, by rank.
 
         Raises:
             RankError: a rank's handler raised (the cause first: a rank's own error before its
                 peers' lost waits), a rank died, or none answered within ``timeout_s``.
         """
+        self.send(message, ranks)
+        return self.collect(ranks, timeout_s=timeout_s)
+
+    def send(self, message: Any, ranks: list[int] | None = None) -> None:
+        """Send ``message`` to every rank (or to ``ranks``) without waiting; :meth:`collect` takes the replies.
+
+        Every rank answers every message, in order: collect before sending a rank another message.
+        """
         if self.closed:
             raise RankError("the ranks were closed; start new ones", 0, "closed", True)
-        for rank, connection in self.connections.items():
+        for rank in range(self.nproc) if ranks is None else ranks:
             try:
-                connection.send(message)
+                self.connections[rank].send(message)
             except OSError as error:
                 raise RankError(f"rank {rank} cannot be reached: {error}", rank, str(error), True) from None
+
+    def collect(self, ranks: list[int] | None = None, *, timeout_s: float | None = None) -> dict[int, Any]:
+        """The replies of every rank (or of ``ranks``) to the message sent last (:meth:`send`).
+
+        Raises:
+            RankError: as :meth:`call`.
+        """
         try:
-            return self._collect(timeout_s, "running a command")
+            return self._collect(timeout_s, "running a command", ranks)
         except RankError:
             raise
         except BaseException:  # interrupted while the ranks work: their answers would come out of step
             self.close()
             raise
 
-    def _collect(self, timeout_s: float | None, what: str) -> dict[int, Any]:
+    def _collect(self, timeout_s: float | None, what: str, ranks: list[int] | None = None) -> dict[int, Any]:
         replies: dict[int, tuple] = {}
+        wanted = list(range(self.nproc)) if ranks is None else list(ranks)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while len(replies) < self.nproc:
-            for rank, connection in self.connections.items():
+        while len(replies) < len(wanted):
+            for rank in wanted:
+                connection = self.connections[rank]
                 if rank in replies:
                     continue
                 try:
-                    if connection.poll(_POLL_S / self.nproc):
+                    if connection.poll(_POLL_S / len(wanted)):
                         replies[rank] = connection.recv()
                         continue
                 except (EOFError, OSError):
@@ -164,7 +181,7 @@ class RankPool:
                 raise RankError(f"rank {rank} died while {what} (exit code {self.processes[rank].exitcode})", rank,
                                 f"exit code {code}", True)
             if deadline is not None and time.monotonic() > deadline:
-                silent = sorted(set(range(self.nproc)) - set(replies))
+                silent = sorted(set(wanted) - set(replies))
                 raise RankError(f"rank {silent[0]} did not answer within {timeout_s:.0f} s while {what}", silent[0],
                                 "no answer", True)
         failed = {rank: reply for rank, reply in replies.items() if reply[0] == "error"}
