@@ -298,3 +298,23 @@ def test_command_line_mistakes_are_one_line_before_any_rank_starts(folder, args,
     result = CliRunner().invoke(main, ["serve", *args])
     assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_batcher_takes_the_oldest_key_bounds_the_images_and_refuses_a_full_queue():
+    from asyncdiff_partition.app.serve.batcher import Batcher, Closed, Job, QueueFull
+
+    batcher = Batcher(max_queue=4, max_rows=3, window_s=0.01)
+    jobs = [Job(key=key, rows=rows, spec=None) for key, rows in [("a", 1), ("b", 1), ("a", 2), ("a", 1)]]
+    for job in jobs:
+        batcher.put(job)
+    with pytest.raises(QueueFull, match="--max-queue 4"):
+        batcher.put(Job(key="a", rows=1, spec=None))
+    assert batcher.take() == [jobs[0], jobs[2]] and not batcher.idle()  # 3 images at most; "b" keeps its place
+    batcher.finish()
+    jobs[3].cancelled.set()  # a client that went away while waiting is never run
+    assert batcher.take() == [jobs[1]]
+    batcher.finish()
+    batcher.close()
+    assert batcher.take() is None and batcher.idle()
+    with pytest.raises(Closed):
+        batcher.put(Job(key="a", rows=1, spec=None))

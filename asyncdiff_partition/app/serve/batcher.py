@@ -50,6 +50,7 @@ class Batcher:
     def __init__(self, max_queue: int, max_rows: int, window_s: float):
         self.max_queue, self.max_rows, self.window_s = max_queue, max_rows, window_s
         self.waiting: list[Job] = []
+        self.running: list[Job] = []  # the batch taken last, until finish()
         self.condition = threading.Condition()
         self.closed = False
 
@@ -87,7 +88,18 @@ class Batcher:
                     break
                 self.condition.wait(left)
             self.waiting = [j for j in self.waiting if j not in batch]
+            self.running = batch
             return batch
+
+    def finish(self) -> None:
+        """The batch taken last was answered."""
+        with self.condition:
+            self.running = []
+
+    def idle(self) -> bool:
+        """Nothing waits and nothing runs (taken and finished under one lock: no gap between them)."""
+        with self.condition:
+            return not self.waiting and not self.running
 
     def _fits(self, key: Hashable) -> list[Job]:
         batch, rows = [], 0

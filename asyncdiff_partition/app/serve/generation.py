@@ -17,6 +17,7 @@ and the ranks simply get no more steps of it (Note [engine]: the loop runs here)
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -98,9 +99,9 @@ class Runner:
         return None if param is None or param.default is inspect.Parameter.empty else param.default
 
     def scale(self) -> int:
-        """What height and width must be multiples of: the VAE's scale factor (x 2 for pipelines that pack latents)."""
-        factor = max(int(getattr(self.pipe, "vae_scale_factor", 8) or 8), 8)  # diffusers checks multiples of 8
-        return factor * (2 if "Flux" in type(self.pipe).__name__ or "QwenImage" in type(self.pipe).__name__ else 1)
+        """What height and width must be multiples of: the VAE's scale factor, and 8 (what diffusers pipelines check)."""
+        factor = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
+        return factor * 8 // math.gcd(factor, 8)
 
     # --- running ------------------------------------------------------------------------------
 

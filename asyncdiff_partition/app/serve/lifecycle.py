@@ -15,7 +15,6 @@ stops at once. The process exits within ``drain_s`` + a few seconds, no rank lef
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -82,7 +81,6 @@ class _DrainingServer:
         self.draining: threading.Thread | None = None
 
     def run(self) -> None:
-        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self.server.run()
 
     def signalled(self, server: Any, sig: int, frame: Any) -> None:

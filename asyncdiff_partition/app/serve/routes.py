@@ -17,6 +17,7 @@ Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -92,7 +93,8 @@ def _stream(service: Service, spec: Any) -> StreamingResponse:
     steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
 
     def progress(step: int, total: int) -> None:  # called from the worker thread
-        loop.call_soon_threadsafe(steps.put_nowait, (step, total))
+        with contextlib.suppress(RuntimeError):  # the event loop closed: nobody listens
+            loop.call_soon_threadsafe(steps.put_nowait, (step, total))
 
     job = service.submit(spec, progress=progress)
 

@@ -42,7 +42,6 @@ class Service:
         self.runner: Runner | None = None
         self.worker: threading.Thread | None = None
         self.draining = False
-        self.busy = 0  # jobs in the call that runs now
         self.last_error: str | None = None
 
     # --- life ---------------------------------------------------------------------------------
@@ -61,7 +60,7 @@ class Service:
         self.batcher.close()
 
     def idle(self) -> bool:
-        return self.batcher.depth() == 0 and self.busy == 0
+        return self.batcher.idle()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the worker (after the call it runs) and end the ranks."""
@@ -179,12 +178,11 @@ class Service:
             self.metrics.queue_depth.set(self.batcher.depth())
             if batch is None:
                 return
-            if batch:
-                self.busy = len(batch)
-                try:
+            try:
+                if batch:
                     self._run(batch)
-                finally:
-                    self.busy = 0
+            finally:
+                self.batcher.finish()
 
     def _run(self, batch: list[Job]) -> None:
         from asyncdiff_partition.core.errors import AsyncDiffError
