@@ -318,3 +318,21 @@ def test_the_batcher_takes_the_oldest_key_bounds_the_images_and_refuses_a_full_q
     assert batcher.take() is None and batcher.idle()
     with pytest.raises(Closed):
         batcher.put(Job(key="a", rows=1, spec=None))
+
+
+def test_after_more_failures_than_restarts_health_says_why_and_requests_get_503(folder):
+    from types import SimpleNamespace
+
+    from asyncdiff_partition.app.serve.options import ServeOptions
+    from asyncdiff_partition.app.serve.schema import RequestError
+    from asyncdiff_partition.app.serve.service import Service
+
+    service = Service(ServeOptions(model=folder[0]).checked())
+    service.runner = SimpleNamespace(engine=SimpleNamespace(failures=3, restarts=2, pool=None))  # what Engine counts
+    service.last_error = "rank 1 died while running a command (exit code -9)"
+    status, body = service.health()
+    assert status == 503 and body["status"] == "failed" and "3 times in a row" in body["reason"]
+    assert "rank 1 died" in body["reason"]
+    with pytest.raises(RequestError) as refused:
+        service.submit(None)
+    assert refused.value.status == 503 and refused.value.code == "ranks_failed"

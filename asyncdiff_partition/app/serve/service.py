@@ -25,6 +25,9 @@ from asyncdiff_partition.app.serve.generation import Cancelled, ImageSpec, Runne
 from asyncdiff_partition.app.serve.metrics import Metrics
 from asyncdiff_partition.app.serve.options import ServeOptions
 from asyncdiff_partition.app.serve.schema import ImageRequest, RequestError
+from asyncdiff_partition.core.errors import AsyncDiffError
+from asyncdiff_partition.pipelines.engine import EngineError
+from asyncdiff_partition.runtime.ranks import RankError
 
 __all__ = ["Service"]
 
@@ -185,10 +188,6 @@ class Service:
                 self.batcher.finish()
 
     def _run(self, batch: list[Job]) -> None:
-        from asyncdiff_partition.core.errors import AsyncDiffError
-        from asyncdiff_partition.pipelines.engine import EngineError
-        from asyncdiff_partition.runtime.ranks import RankError
-
         runner = self._runner()
         starts = runner.engine.counts["starts"] if runner.engine is not None else 0
         self.metrics.batch.observe(sum(job.rows for job in batch))
@@ -198,10 +197,10 @@ class Service:
         except Cancelled as error:
             results, failure = {}, error
         except (RankError, EngineError) as error:
-            self.last_error = str(error)
-            results, failure = {}, RequestError(f"the engine's ranks failed while running this request: {error}; "
-                                                "they start again for the next request", status=503,
-                                                kind="server_error", code="ranks_failed")
+            self.last_error = str(error) if isinstance(error, RankError) else self.last_error
+            then = "they start again for the next request" if isinstance(error, RankError) else "restart the service"
+            results, failure = {}, RequestError(f"the engine's ranks failed while running this request: {error}; {then}",
+                                                status=503, kind="server_error", code="ranks_failed")
         except (AsyncDiffError, ValueError, TypeError) as error:  # the pipeline refused the call's arguments
             results, failure = {}, RequestError(f"the pipeline refused the request: {error}")
         except Exception as error:  # noqa: BLE001 - answered as a 500, the worker keeps serving
