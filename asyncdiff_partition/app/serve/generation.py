@@ -29,6 +29,9 @@ from asyncdiff_partition.app.serve.batcher import Job
 from asyncdiff_partition.app.serve.encoding import encode_output
 from asyncdiff_partition.app.serve.options import ServeOptions
 from asyncdiff_partition.app.serve.rows import exact_rows
+from asyncdiff_partition.pipelines.loading import load_pipeline
+from asyncdiff_partition.pipelines.parallelize import parallel_state, parallelize, warm
+from asyncdiff_partition.pipelines.recording import components
 
 __all__ = ["Cancelled", "ImageSpec", "Runner"]
 
@@ -70,9 +73,6 @@ class Runner:
     """
 
     def __init__(self, options: ServeOptions, *, cache_dir: str | None = None):
-        from asyncdiff_partition.pipelines.loading import load_pipeline
-        from asyncdiff_partition.pipelines.recording import components
-
         self.options = options
         begin = time.perf_counter()
         self.pipe = load_pipeline(options.model)
@@ -82,8 +82,6 @@ class Runner:
         self.engine: Any = None
         self.prepared: set[Hashable] = set()
         if options.engine:
-            from asyncdiff_partition.pipelines.parallelize import parallel_state, parallelize
-
             parallelize(self.pipe, options.parallel, cache_dir=cache_dir, max_structures=64)
             self.engine = parallel_state(self.pipe)
             self.engine.restarts = options.restarts
@@ -128,8 +126,6 @@ class Runner:
                           [s.image for s, _ in rows])
         exact = self.options.batching == "exact" and len(rows) > 1
         if exact and self.engine is not None and first.key() not in self.prepared:
-            from asyncdiff_partition.pipelines.parallelize import warm
-
             warm(self.pipe, **self._call(first, [first.prompt], [first.negative], [first.image]))  # Note [exact batching]
         if self.takes("callback_on_step_end"):
             call["callback_on_step_end"] = self._on_step(jobs, first.steps)
