@@ -15,7 +15,7 @@ The stages, and the layer each lives in (each layer imports only those above it)
                 stay up), denoiser (one rank), hybrid (batch groups), reference (the oracle)
     pipelines/  parallelize(pipe): recording, structure, compiler, prepared, engine, wrap; the zoo
     evaluation/ fidelity of asynchronous against sequential samples (eval, tune)
-    app/        the commands: run, profile, plan, demo, export-onnx (cli/ is a thin click layer)
+    app/        the commands: run, profile, plan, demo, export-onnx, serve (cli/ is a thin click layer)
 
 ``asyncdiff_partition.core`` imports neither torch nor diffusers; this package's top level is
 lazy, so ``import asyncdiff_partition`` is cheap and each name loads its stage on first use.

@@ -519,5 +519,60 @@ def tune(model_spec, devices, max_latency_ms, min_psnr, max_fd_ratio, steps, ima
              out_dir=out_dir, progress=True, echo=click.echo)
 
 
+@main.command()
+@click.option("--model", "model_dir", required=True, metavar="PIPELINE_DIR",
+              help="A diffusers pipeline folder (what save_pretrained wrote).")
+@click.option("--devices", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Ranks the denoiser runs on; 1 serves the plain pipeline in this process (no ranks).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Warm-up steps W.")
+@click.option("--stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="2 = stride denoising (one extra rank).")
+@click.option("--batch-parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="B batch groups (guidance branches side by side); --devices is then all D ranks.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a rank waits for another before giving up.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile each rank's segment.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8000, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting at most; beyond, 429.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images in one pipeline call at most.")
+@click.option("--max-n", type=click.IntRange(min=1), default=4, show_default=True, help="Images one request may ask for.")
+@click.option("--admission-window-ms", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="How long a batch's first request waits for others of its size and settings.")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True, help="Seconds before a request is cancelled (504).")
+@click.option("--batching", type=click.Choice(["exact", "fused"]), default="exact", show_default=True,
+              help="exact: every image equals the same request run alone; fused: one batched call, faster, "
+                   "equal to about 1e-6.")
+@click.option("--max-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Largest height or width a request may ask for, in pixels.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Most denoising steps a request may ask for.")
+@click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="On SIGTERM, seconds the requests in flight may take to finish.")
+@click.option("--restarts", type=click.IntRange(min=0), default=2, show_default=True,
+              help="How often failed ranks are started again in a row before the service reports failure.")
+@click.pass_context
+@user_errors
+def serve(ctx, model_dir, devices, warmup, stride, batch_parallel, timeout_s, compile_, host, port, max_queue,
+          max_batch, max_n, admission_window_ms, request_timeout_s, batching, max_size, max_steps, drain_s,
+          restarts) -> None:
+    """Serve a pipeline over HTTP (OpenAI's POST /v1/images/generations, /health, /v1/models, /metrics),
+    its denoiser on --devices ranks that stay up; requests of one size and settings are batched."""
+    from asyncdiff_partition.app.serve.lifecycle import serve as run_service  # Note [light commands]
+    from asyncdiff_partition.app.serve.options import ServeOptions
+    from asyncdiff_partition.core.config import ParallelConfig
+
+    parallel = ParallelConfig(devices=devices, warmup=warmup, stride=int(stride), batch_parallel=batch_parallel,
+                              timeout_s=timeout_s, compile=compile_, threads=ctx.parent.params.get("threads"))
+    options = ServeOptions(model=model_dir, parallel=parallel, host=host, port=port, max_queue=max_queue,
+                           max_batch=max_batch, max_n=max_n, admission_window_ms=admission_window_ms,
+                           request_timeout_s=request_timeout_s, batching=batching, max_size=max_size,
+                           max_steps=max_steps, drain_s=drain_s, restarts=restarts).checked()
+    run_service(options, echo=lambda line: click.echo(line, err=True))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

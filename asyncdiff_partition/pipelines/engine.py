@@ -111,6 +111,15 @@ class Engine(Prepared):
         self.new = []
         self.timings["start_s"] = time.perf_counter() - begin
 
+    def check_ranks(self) -> bool:
+        """Whether every rank is alive; ranks that died between calls are ended and counted as a failure, so
+        that the next call starts new ones (a call on them would fail)."""
+        if self.pool is not None and not self.pool.alive():
+            self.pool.close()
+            self.pool = None
+            self.failures += 1
+        return self.pool is not None
+
     def close(self) -> None:
         self.waiting = {}
         if self.pool is not None:

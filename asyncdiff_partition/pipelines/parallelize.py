@@ -46,8 +46,8 @@ from asyncdiff_partition.core.plan import Plan, PlanError
 from asyncdiff_partition.pipelines.compiler import CACHE_ENV, PlanBook, choose_plan, default_cache_dir
 from asyncdiff_partition.pipelines.prepared import ParallelizeError, Prepared, plan_from_dict
 
-__all__ = ["CACHE_ENV", "ParallelizeError", "choose_plan", "default_cache_dir", "describe", "parallelize",
-           "unparallelize", "warm"]
+__all__ = ["CACHE_ENV", "ParallelizeError", "choose_plan", "default_cache_dir", "describe", "parallel_state",
+           "parallelize", "unparallelize", "warm"]
 
 _STATE = "_asyncdiff_parallel"  # the pipeline's Prepared (or Engine), in its __dict__
 
@@ -163,6 +163,16 @@ def describe(pipe: Any) -> list[str]:
         weights per rank: rank 0 1.2 MB (transformer 0.6 MB, transformer_2 0.6 MB), rank 1 ...
     """
     return _state(pipe, "describe").summary()
+
+
+def parallel_state(pipe: Any) -> Any:
+    """What runs a parallelized pipeline: its :class:`~asyncdiff_partition.pipelines.engine.Engine` in a plain
+    process (ranks, counts, timings, reports), else its :class:`~asyncdiff_partition.pipelines.prepared.Prepared`.
+
+    Raises:
+        ParallelizeError: ``pipe`` was not parallelized.
+    """
+    return _state(pipe, "parallel_state")
 
 
 def unparallelize(pipe: Any) -> Any:

@@ -13,6 +13,7 @@ under an outside launcher (Note [where the ranks run]); every rank of an
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -194,6 +195,10 @@ class Prepared:
                 self.abandon()
                 snapshot.restore()
                 self.prepare(args, kwargs)
+            except BaseException:  # stopped part way (a step callback raised, an interrupt): so must the streams
+                with contextlib.suppress(Exception):
+                    self.abandon()
+                raise
         raise ParallelizeError(f"{self.cls.__name__}'s call met a new denoiser call structure {MAX_PREPARES} times "
                                "in a row; its denoiser calls change from one run to the next")
 

@@ -1,0 +1,1 @@
+"""The `serve` command: an image generation service (OpenAI images API) on the engine."""
