@@ -92,8 +92,13 @@ def reference(reference_pipe):
 
     def image(seed: int, size: int, steps: int = STEPS) -> str:
         if (seed, size, steps) not in made:
-            out = reference_pipe(prompt=["a red cube"], height=size, width=size, num_inference_steps=steps,
-                                 generator=[torch.Generator().manual_seed(seed)], output_type="pil")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the server (--threads 1): kernels round differently with more threads
+            try:
+                out = reference_pipe(prompt=["a red cube"], height=size, width=size, num_inference_steps=steps,
+                                     generator=[torch.Generator().manual_seed(seed)], output_type="pil")
+            finally:
+                torch.set_num_threads(threads)
             made[(seed, size, steps)] = png_b64(out.images[0])
         return made[(seed, size, steps)]
 
